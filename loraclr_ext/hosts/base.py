@@ -1,0 +1,105 @@
+"""The protocol every host adapter implements.
+
+The merge engine drives a host only through this surface: it asks for live modules by
+canonical name, encodes prompts, runs a short seeded denoising loop and predicts noise.
+Hosts never see deltas or solvers; the engine attaches forward hooks to the modules a
+host returns, so host weights are never written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from loraclr_ext.architecture import Architecture
+from loraclr_ext.targets import ModuleRef
+
+
+@dataclass
+class Conditioning:
+    """Output of the text stage for a batch of prompts.
+
+    Attributes:
+        context: cross-attention input ``[B, T, ctx]`` (T = 77 for CLIP; SDXL concatenates
+            both encoders' hidden states, ctx = 2048).
+        pooled: SDXL pooled text embedding ``[B, 1280]``; ``None`` for SD1/SD2.
+    """
+
+    context: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+
+@dataclass
+class Tokens:
+    """Tokenisation of a batch of prompts, as the host's text stage sees them.
+
+    Attributes:
+        ids: per prompt, the token ids *including* BOS and EOS, without padding.
+        length: the padded sequence length T the encoders run at (77 for CLIP).
+    """
+
+    ids: list[list[int]]
+    length: int
+
+
+StepCallback = Callable[[int, int], None]
+"""Called as ``callback(step_index, total_steps)`` after every denoising step."""
+
+
+@runtime_checkable
+class Host(Protocol):
+    """A loaded base model the merge can run concepts through."""
+
+    architecture: Architecture
+    device: torch.device
+    dtype: torch.dtype
+
+    def modules(self, refs: Iterable[ModuleRef]) -> dict[ModuleRef, torch.nn.Module]:
+        """Live modules for ``refs``; refs the model lacks are left out of the result."""
+        ...
+
+    def base_weight(self, ref: ModuleRef) -> torch.Tensor:
+        """A CPU fp32 copy of the module's weight flattened to ``[out, in·kh·kw]``."""
+        ...
+
+    def tokenize(self, prompts: list[str]) -> Tokens:
+        """Token ids of ``prompts`` (first text encoder's tokenizer)."""
+        ...
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """Run the text encoder(s) on ``prompts``; forward hooks on text modules fire here."""
+        ...
+
+    def sample(
+        self,
+        cond: Conditioning,
+        *,
+        steps: int,
+        size: int,
+        seed: int,
+        callback: StepCallback | None = None,
+    ) -> torch.Tensor:
+        """A short seeded denoising run without CFG; returns the final latents
+        ``[B, 4, size/8, size/8]``. UNet forward hooks fire at every step."""
+        ...
+
+    def predict_noise(
+        self, latents: torch.Tensor, timestep: int, cond: Conditioning
+    ) -> torch.Tensor:
+        """One UNet evaluation: model output (ε or v) for ``latents`` ``[B, 4, h, w]``."""
+        ...
+
+    def clean_weights(self) -> AbstractContextManager[None]:
+        """Context in which the model runs with no host-applied LoRA merged in, and after
+        which every weight is exactly as before (also on error)."""
+        ...
+
+
+def iter_chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    """Split ``items`` into consecutive chunks of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
