@@ -40,7 +40,7 @@ class SolverError(LoraClrError, ValueError):
     """Statistics or weights given to the solver are inconsistent (shape, NaN, empty)."""
 
 
-class MergeInterrupted(LoraClrError):
+class MergeInterruptedError(LoraClrError):
     """The user interrupted the merge; nothing was written."""
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench.solver`` and ``python -m bench.pipeline``."""

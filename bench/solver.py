@@ -1,0 +1,188 @@
+"""Solver benchmark: ``python -m bench.solver [--device auto|cpu|cuda] [--quick]``.
+
+For real SD1.5 layer shapes and 2, 5 and 12 concepts it compares, on identical features
+and the released code's hyper-parameters (margin 0.5, λ_reg 1e-3, λ_mse 0.1):
+stacking, averaging, least squares (Mix-of-Show, closed form), the official recipe
+(AdamW lr 1e-4, 50 steps from zero) and ours (closed form + L-BFGS in factor space), and
+prints one table: time, peak memory, the official objective, attract error on trigger
+tokens and on all tokens, isolation, and our time as a fraction of the official recipe's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from collections.abc import Callable
+
+import torch
+
+from bench.measure import measure, print_table
+from bench.synthetic import SynthLayer, synth_layer
+from loraclr_ext.solver import OFFICIAL_DEFAULTS, LayerStats, SolverSettings, solve_layer
+from loraclr_ext.solver.baselines import average, official_recipe, stacked
+from loraclr_ext.solver.objective import objective_from_features
+
+SHAPES: list[tuple[str, int, int]] = [
+    ("TE self-attn q/k/v/out", 768, 768),
+    ("cross-attn K/V", 768, 320),
+    ("cross-attn K/V", 768, 640),
+    ("cross-attn K/V", 768, 1280),
+    ("UNet ff.net.0.proj", 320, 2560),
+    ("UNet ff.net.2", 1280, 320),
+]
+FULL_SHAPES = [*SHAPES, ("TE mlp.fc1", 768, 3072), ("TE mlp.fc2", 3072, 768)]
+QUICK_SHAPES = SHAPES[:2]
+PROMPTS = 16
+"""Prompts per concept: the released code encodes 2 templates × 16 layer-wise variants = 32;
+16 keeps the CPU run to a few minutes while the official recipe stays the bottleneck."""
+CONCEPTS = (2, 5, 12)
+
+
+def ours(layer: SynthLayer, settings: SolverSettings, device: torch.device) -> torch.Tensor:
+    """Stream the features into statistics, then solve; returns the dense Δ on the CPU."""
+    stats = LayerStats(layer.downs, device=device)
+    for i, x in enumerate(layer.features):
+        for chunk in x.to(device).split(77):
+            stats.add(i, chunk)
+    solution = solve_layer(
+        stats, [u.to(device) for u in layer.ups], layer.base_weight.to(device), settings
+    )
+    return solution.dense().cpu()
+
+
+def least_squares(layer: SynthLayer, device: torch.device) -> torch.Tensor:
+    return ours(layer, SolverSettings(objective="least_squares"), device)
+
+
+def official(layer: SynthLayer, device: torch.device) -> torch.Tensor:
+    return official_recipe(
+        layer.base_weight.to(device),
+        [x.to(device) for x in layer.features],
+        [d.to(device) for d in layer.deltas],
+        OFFICIAL_DEFAULTS,
+    ).cpu()
+
+
+def scores(layer: SynthLayer, delta: torch.Tensor) -> tuple[float, float, float, float]:
+    """(official objective, attract error on trigger rows, on all rows, isolation)."""
+    objective = objective_from_features(
+        delta, layer.base_weight, layer.features, layer.deltas, OFFICIAL_DEFAULTS
+    )
+    trig = layer.trigger
+    err_t, err_a, iso = [], [], []
+    targets = [
+        x @ (layer.base_weight + d).T for x, d in zip(layer.features, layer.deltas, strict=True)
+    ]
+    for i, (x, d) in enumerate(zip(layer.features, layer.deltas, strict=True)):
+        miss = x @ (delta - d).T
+        own = x @ d.T
+        err_t.append(float(miss[trig].norm() / own[trig].norm()))
+        err_a.append(float(miss.norm() / own.norm()))
+        merged = targets[i] + miss
+        ratios = [
+            float(
+                (merged[trig] - targets[j][trig]).norm()
+                / (targets[i][trig] - targets[j][trig]).norm()
+            )
+            for j in range(len(targets))
+            if j != i
+        ]
+        iso.append(min(ratios))
+    n = len(layer.features)
+    return objective, sum(err_t) / n, sum(err_a) / n, sum(iso) / n
+
+
+def run(device: torch.device, shapes: list[tuple[str, int, int]]) -> None:
+    methods: dict[str, Callable[[SynthLayer], torch.Tensor]] = {
+        "stacked": lambda layer: stacked(layer.deltas),
+        "average": lambda layer: average(layer.deltas),
+        "least squares": lambda layer: least_squares(layer, device),
+        "official (AdamW×50)": lambda layer: official(layer, device),
+        "ours": lambda layer: ours(layer, OFFICIAL_DEFAULTS, device),
+    }
+    print(f"device: {device} ({_device_name(device)}), torch {torch.__version__}")
+    print(
+        f"features: {PROMPTS} prompts × 77 tokens per concept (2 trigger tokens each), rank 16 per LoRA"
+    )
+    print(
+        "objective: released code's (margin 0.5, λ_reg 1e-3, λ_mse 0.1); errors relative to each LoRA's own effect"
+    )
+    print(
+        "isolation: min over other concepts j of |merged_i − target_j| / |target_i − target_j| on trigger tokens (1 = ideal)\n"
+    )
+    ours(synth_layer(64, 64, 2, seed=99), OFFICIAL_DEFAULTS, device)  # warm-up
+    rows: list[list[str]] = []
+    ratios: list[float] = []
+    for label, fan_in, fan_out in shapes:
+        for n in CONCEPTS:
+            layer = synth_layer(fan_in, fan_out, n, prompts=PROMPTS, seed=fan_in + fan_out + n)
+            times: dict[str, float] = {}
+            values: dict[str, float] = {}
+            for name, fn in methods.items():
+                m = measure(lambda fn=fn, layer=layer: fn(layer), device)
+                objective, err_t, err_a, iso = scores(layer, m.result)
+                times[name], values[name] = m.seconds, objective
+                rows.append(
+                    [
+                        f"{label} {fan_in}→{fan_out}",
+                        str(n),
+                        name,
+                        f"{m.seconds * 1e3:.1f}",
+                        f"{m.peak_mib:.1f}",
+                        f"{objective:.4g}",
+                        f"{err_t:.3f}",
+                        f"{err_a:.3f}",
+                        f"{iso:.3f}",
+                    ]
+                )
+            ratio = times["ours"] / times["official (AdamW×50)"]
+            ratios.append(ratio)
+            better = values["ours"] <= values["official (AdamW×50)"]
+            rows[-1].append(f"{ratio:.3f} ({'≤' if better else '>'} official obj)")
+            for r in rows[-len(methods) : -1]:
+                r.append("")
+    headers = [
+        "layer",
+        "n",
+        "method",
+        "time ms",
+        "peak MiB",
+        "objective",
+        "err trig",
+        "err all",
+        "isolation",
+        "ours/official time",
+    ]
+    print_table(headers, rows)
+    print(
+        f"\nours/official time: max {max(ratios):.3f}, mean {sum(ratios) / len(ratios):.3f} (bar: ≤ 0.05)"
+    )
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    parser.add_argument("--quick", action="store_true", help="two shapes only (smoke run)")
+    parser.add_argument(
+        "--full", action="store_true", help="add the text encoder's MLP shapes (slow on a CPU)"
+    )
+    args = parser.parse_args()
+    name = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = torch.device("cpu" if name == "auto" else name)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    run(device, QUICK_SHAPES if args.quick else FULL_SHAPES if args.full else SHAPES)
+
+
+if __name__ == "__main__":
+    main()
