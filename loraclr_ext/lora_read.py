@@ -174,7 +174,11 @@ def _fits(info: ShapeInfo, spec: ModuleSpec) -> bool:
 
 
 def _match_group(
-    module: str, keys: dict[str, str], shapes: Mapping[str, Shape], arch: Architecture
+    module: str,
+    keys: dict[str, str],
+    shapes: Mapping[str, Shape],
+    arch: Architecture,
+    check_shapes: bool,
 ) -> _Match:
     """Match one module group or raise FormatError with the reason."""
     adapter = claim(set(keys))
@@ -184,7 +188,7 @@ def _match_group(
         raise FormatError(f"no {arch.label} module is named '{module}'")
     spec = module_spec(ref, arch)
     assert spec is not None  # parse_module_name only returns known refs
-    if not _fits(info, spec):
+    if check_shapes and not _fits(info, spec):
         raise FormatError(
             f"delta [{info.out_features}, {info.flat_in}] does not fit {ref} "
             f"[{spec.out_features}, {spec.flat_in}] of {arch.label}"
@@ -192,14 +196,14 @@ def _match_group(
     return _Match(ref, spec, adapter, keys, info)
 
 
-def _plan(shapes: Mapping[str, Shape], arch: Architecture) -> _Plan:
+def _plan(shapes: Mapping[str, Shape], arch: Architecture, check_shapes: bool = True) -> _Plan:
     """Match every key group of a file against ``arch``; nothing is dropped silently."""
     groups, unknown = group_keys(sorted(shapes))
     plan = _Plan()
     taken: dict[ModuleRef, str] = {}
     for module, keys in groups.items():
         try:
-            match = _match_group(module, keys, shapes, arch)
+            match = _match_group(module, keys, shapes, arch, check_shapes)
             if match.ref in taken:
                 raise FormatError(f"'{taken[match.ref]}' already targets {match.ref}")
         except FormatError as exc:
@@ -219,6 +223,7 @@ def _resolve_arch(
     shapes: Mapping[str, Shape],
     metadata: Mapping[str, str],
     arch_hint: Architecture | None,
+    check_shapes: bool = True,
 ) -> tuple[Architecture | None, Architecture, _Plan]:
     """(reported architecture, architecture used for names, plan).
 
@@ -234,8 +239,8 @@ def _resolve_arch(
         )
     chosen = detected or arch_hint
     if chosen is not None:
-        return chosen, chosen, _plan(shapes, chosen)
-    plans = {arch: _plan(shapes, arch) for arch in Architecture}
+        return chosen, chosen, _plan(shapes, chosen, check_shapes)
+    plans = {arch: _plan(shapes, arch, check_shapes) for arch in Architecture}
     best = max(Architecture, key=lambda a: len(plans[a].matches))  # ties: SD1 first
     return None, best, plans[best]
 
@@ -296,6 +301,8 @@ def read_lora(
     path: str | Path,
     arch_hint: Architecture | None = None,
     max_unmatched_fraction: float = 0.1,
+    *,
+    check_shapes: bool = True,
 ) -> LoraFile:
     """Read a ``.safetensors`` LoRA of any supported format into exact per-module deltas.
 
@@ -305,6 +312,8 @@ def read_lora(
             and checked against what the file says.
         max_unmatched_fraction: refuse the file when more than this fraction of its
             modules map to no module of the architecture.
+        check_shapes: require every delta to have the real model's shape for its module;
+            pass ``False`` for miniature test models that keep the names but not the sizes.
 
     Raises:
         LoraFileError: missing, pickled, corrupt or truncated file; NaN/Inf tensors.
@@ -313,7 +322,7 @@ def read_lora(
     """
     path = Path(path)
     shapes, metadata = read_header(path)
-    reported, arch, plan = _resolve_arch(path, shapes, metadata, arch_hint)
+    reported, arch, plan = _resolve_arch(path, shapes, metadata, arch_hint, check_shapes)
     _refuse_unmatched(path, plan, arch, max_unmatched_fraction)
     deltas: dict[ModuleRef, ModuleDelta] = {}
     labels: set[str] = set()
@@ -381,6 +390,8 @@ def describe_lora(
     path: str | Path,
     arch_hint: Architecture | None = None,
     max_unmatched_fraction: float = 0.1,
+    *,
+    check_shapes: bool = True,
 ) -> LoraInfo:
     """Header-only summary of a LoRA; file problems go to :attr:`LoraInfo.reason`."""
     path = Path(path)
@@ -388,7 +399,7 @@ def describe_lora(
     try:
         shapes, metadata = read_header(path)
         info.triggers = triggers_from_metadata(metadata)
-        reported, arch, plan = _resolve_arch(path, shapes, metadata, arch_hint)
+        reported, arch, plan = _resolve_arch(path, shapes, metadata, arch_hint, check_shapes)
     except LoraClrError as exc:
         info.reason = str(exc)
         return info

@@ -137,11 +137,14 @@ def _kernel_for(ref: ModuleRef, delta: ModuleDelta, spec: ModuleSpec) -> tuple[i
     return spec.kernel
 
 
-def _check_delta(ref: ModuleRef, delta: ModuleDelta, arch: Architecture) -> ModuleSpec:
+def _check_delta(
+    ref: ModuleRef, delta: ModuleDelta, arch: Architecture, check_shapes: bool
+) -> ModuleSpec:
     spec = module_spec(ref, arch)
     if spec is None:
         raise InvalidInputError(f"{ref} is not a module of a {arch.label} model.")
-    if delta.out_features != spec.out_features or delta.in_features != spec.flat_in:
+    wrong = delta.out_features != spec.out_features or delta.in_features != spec.flat_in
+    if check_shapes and wrong:
         raise InvalidInputError(
             f"Delta for {ref} is [{delta.out_features}, {delta.in_features}] but the "
             f"{arch.label} module needs [{spec.out_features}, {spec.flat_in}]."
@@ -166,9 +169,14 @@ def build_state_dict(
     factors: Mapping[ModuleRef, ModuleDelta],
     arch: Architecture,
     dtype: torch.dtype = torch.float16,
+    *,
+    check_shapes: bool = True,
 ) -> dict[str, torch.Tensor]:
     """kohya tensors for every module with rank > 0 (rank-0 deltas change nothing and are
-    skipped: several loaders cannot build a rank-0 layer)."""
+    skipped: several loaders cannot build a rank-0 layer).
+
+    ``check_shapes=False`` accepts deltas whose sizes differ from the real model's
+    (miniature test models keep the module names but not the sizes)."""
     if dtype not in SUPPORTED_DTYPES:
         raise InvalidInputError(
             f"dtype {dtype} is not supported; use float16, bfloat16 or float32."
@@ -176,13 +184,13 @@ def build_state_dict(
     state: dict[str, torch.Tensor] = {}
     for ref in sorted(factors):
         delta = factors[ref]
-        spec = _check_delta(ref, delta, arch)
+        spec = _check_delta(ref, delta, arch, check_shapes)
         if delta.rank == 0:
             continue
         kernel = _kernel_for(ref, delta, spec)
         up, down = _balanced(delta)
         if kernel is not None:
-            down = down.reshape(delta.rank, spec.in_features, *kernel)
+            down = down.reshape(delta.rank, -1, *kernel)
             up = up.reshape(delta.out_features, delta.rank, 1, 1)
         name = kohya_name(ref, arch)
         up, down = up.to(dtype).contiguous(), down.to(dtype).contiguous()
@@ -378,6 +386,7 @@ def write_lora(
     metadata_extra: Mapping[str, str] | None = None,
     overwrite: bool = False,
     sidecar: bool = True,
+    check_shapes: bool = True,
 ) -> Path:
     """Write ``factors`` as a kohya LoRA at ``path`` (``.safetensors``) plus its sidecar.
 
@@ -396,6 +405,7 @@ def write_lora(
         metadata_extra: further str → str entries (must not collide with ours).
         overwrite: replace an existing file (and sidecar).
         sidecar: also write ``<stem>.json``.
+        check_shapes: require the real model's module sizes (``False`` for tiny models).
 
     Returns:
         The written path.
@@ -415,7 +425,7 @@ def write_lora(
         if target.exists() and not overwrite:
             raise OutputExistsError(_exists_message(target))
 
-    state = build_state_dict(factors, arch, dtype)
+    state = build_state_dict(factors, arch, dtype, check_shapes=check_shapes)
     meta = build_metadata(
         factors,
         arch,
