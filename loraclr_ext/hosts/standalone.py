@@ -235,7 +235,7 @@ class StandaloneHost:
         if path.is_dir():
             sdxl = model_files.folder_is_sdxl(path)
             folder_arch = Architecture.SDXL if sdxl else Architecture(architecture or "sd1")
-            toks = model_files.load_tokenizers(folder_arch, search + [path])
+            toks = model_files.load_tokenizers(folder_arch, [*search, path])
             pipe = model_files.load_folder_pipeline(path, dt, toks, sdxl)
         elif path.is_file():
             pipe = _load_single_file(path, dt, search, architecture, config)
@@ -479,7 +479,7 @@ def _load_single_file(
             f"'{path.name}' is an {arch.label} checkpoint, not {Architecture(architecture).label}."
         )
     config_dir = Path(config) if config is not None else model_files.builtin_config(arch)
-    toks = model_files.load_tokenizers(arch, search + [config_dir, path.parent])
+    toks = model_files.load_tokenizers(arch, [*search, config_dir, path.parent])
     pipe = model_files.load_single_file_pipeline(path, arch, config_dir, dtype, toks)
     encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m]
     model_files.verify_text_encoders(path, arch, encoders)

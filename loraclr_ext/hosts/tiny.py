@@ -10,6 +10,7 @@ including the CLIP BPE vocabulary, is generated locally.
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -86,7 +87,7 @@ def _learn_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
     Ties are broken by the pair's text so the result is deterministic. Applying the merges
     in rank order re-creates the training segmentation, so each word is a single token.
     """
-    segmentations = [list(w[:-1]) + [w[-1] + "</w>"] for w in dict.fromkeys(words)]
+    segmentations = [[*w[:-1], w[-1] + "</w>"] for w in dict.fromkeys(words)]
     merges: list[tuple[str, str]] = []
     while True:
         counts: dict[tuple[str, str], int] = {}
@@ -293,5 +294,22 @@ def save_tiny_model(arch: Architecture, folder: str | Path, seed: int = 0) -> Pa
     ``unet/``, ``text_encoder/``, ``tokenizer/`` [, ``text_encoder_2/``, ``tokenizer_2/``],
     ``scheduler/``, ``vae/``) with safetensors weights; returns the folder."""
     folder = Path(folder)
-    build_tiny_pipeline(arch, seed=seed).save_pretrained(folder, safe_serialization=True)
+    pipe = build_tiny_pipeline(arch, seed=seed)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):
+        if getattr(pipe, name, None) is not None:
+            write_vocab_files(folder / name)
     return folder
+
+
+def write_vocab_files(folder: Path) -> None:
+    """Write ``vocab.json`` and ``merges.txt`` as the released SD models ship them.
+
+    transformers 5 saves only ``tokenizer.json``; the classic pair keeps the folder readable
+    by transformers 4 and by any tool that looks for those two files.
+    """
+    v = tiny_vocab()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(v.vocab, ensure_ascii=False), encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{left} {right}" for left, right in v.merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
