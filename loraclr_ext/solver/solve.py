@@ -233,6 +233,10 @@ def solve_layer(
         raise SolverError(f"{layer}: the base weight contains NaN or Inf.")
     problem = build_problem(stats, ups, base_weight, settings)
     notes: list[str] = []
+    if sum(stats.rows) < stats.dim and settings.objective != "least_squares":
+        notes.append(
+            f"{sum(stats.rows)} input rows < {stats.dim} inputs: the relative ridge decides"
+        )
     D = closed_form(problem, notes)
     start_value = float(problem.value(D))
     final_value, iterations = start_value, 0
