@@ -152,7 +152,7 @@ def test_samples_are_aligned_across_concepts():
 
 
 def test_zero_weight_rows_are_neither_fitted_nor_sampled():
-    w0, ups, downs, feats = make_problem(n=2, rows=60)
+    _w0, _ups, downs, feats = make_problem(n=2, rows=60)
     junk = [torch.randn(30, 16) * 100 for _ in feats]
     plain = stats_for(downs, feats)
     weighted = LayerStats(downs, dtype=torch.float64, sample_size=256)
