@@ -74,6 +74,43 @@ def _ldm_checkpoint(host: StandaloneHost, path: Path) -> Path:
     return path
 
 
+def _sgm_sdxl_checkpoint(host: StandaloneHost, path: Path) -> Path:
+    """Write the host's SDXL UNet and both text encoders in the SGM single-file layout
+    (second encoder as OpenCLIP: fused q/k/v ``in_proj``, transposed ``text_projection``)."""
+    arch = Architecture.SDXL
+    tensors = {
+        "model.diffusion_model." + naming.ldm_unet_path(k, arch): v
+        for k, v in host.pipe.unet.state_dict().items()
+    }
+    for k, v in host.pipe.text_encoder.state_dict().items():
+        path1 = canonical_text_path(k, "text_model." in k)
+        tensors["conditioner.embedders.0.transformer." + path1] = v
+    te2 = {
+        k.removeprefix("text_model."): v for k, v in host.pipe.text_encoder_2.state_dict().items()
+    }
+    pre = "conditioner.embedders.1.model."
+    tensors[pre + "token_embedding.weight"] = te2["embeddings.token_embedding.weight"]
+    tensors[pre + "positional_embedding"] = te2["embeddings.position_embedding.weight"]
+    tensors[pre + "text_projection"] = te2["text_projection.weight"].T
+    for leaf in ("weight", "bias"):
+        tensors[pre + f"ln_final.{leaf}"] = te2[f"final_layer_norm.{leaf}"]
+    for i in range(host.pipe.text_encoder_2.config.num_hidden_layers):
+        src, dst = f"encoder.layers.{i}.", f"{pre}transformer.resblocks.{i}."
+        for leaf in ("weight", "bias"):
+            qkv = [te2[f"{src}self_attn.{p}_proj.{leaf}"] for p in "qkv"]
+            tensors[f"{dst}attn.in_proj_{leaf}"] = torch.cat(qkv)
+            for a, b in (
+                ("attn.out_proj", "self_attn.out_proj"),
+                ("ln_1", "layer_norm1"),
+                ("ln_2", "layer_norm2"),
+                ("mlp.c_fc", "mlp.fc1"),
+                ("mlp.c_proj", "mlp.fc2"),
+            ):
+                tensors[f"{dst}{a}.{leaf}"] = te2[f"{src}{b}.{leaf}"]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -108,6 +145,18 @@ def test_single_file_checkpoint_matches_folder(sd1: StandaloneHost, sd1_folder, 
     assert torch.equal(folder.predict_noise(latents, 500, a), single.predict_noise(latents, 500, b))
     for name, p in folder.pipe.unet.state_dict().items():
         assert torch.equal(p, single.pipe.unet.state_dict()[name]), name
+
+
+def test_sdxl_single_file_matches_pipeline(xl: StandaloneHost, tmp_path) -> None:
+    folder = save_tiny_model(Architecture.SDXL, tmp_path / "xl")
+    ckpt = _sgm_sdxl_checkpoint(xl, tmp_path / "tiny-xl.safetensors")
+    single = StandaloneHost.load(ckpt, "cpu", config=folder)
+    assert single.architecture is Architecture.SDXL
+    a, b = xl.encode(PROMPTS), single.encode(PROMPTS)
+    assert torch.equal(a.context, b.context)
+    assert torch.equal(a.pooled, b.pooled)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(xl.predict_noise(latents, 500, a), single.predict_noise(latents, 500, b))
 
 
 def test_single_file_refuses_pickles_and_foreign_files(tmp_path) -> None:
