@@ -32,7 +32,15 @@ from loraclr_ext.errors import (
     LoraFileError,
     UnmatchedKeysError,
 )
-from loraclr_ext.formats import Adapter, FormatError, Shape, ShapeInfo, claim, group_keys
+from loraclr_ext.formats import (
+    SIDE_PARTS,
+    Adapter,
+    FormatError,
+    Shape,
+    ShapeInfo,
+    claim,
+    group_keys,
+)
 from loraclr_ext.naming import ModuleSpec, module_spec, parse_module_name
 from loraclr_ext.targets import ModuleRef
 
@@ -202,6 +210,11 @@ def _plan(shapes: Mapping[str, Shape], arch: Architecture, check_shapes: bool = 
     plan = _Plan()
     taken: dict[ModuleRef, str] = {}
     for module, keys in groups.items():
+        for part in SIDE_PARTS.keys() & keys.keys():
+            plan.unmatched.append(f"{keys.pop(part)}: {SIDE_PARTS[part]}")
+        if not keys:
+            plan.unmatched_modules += 1
+            continue
         try:
             match = _match_group(module, keys, shapes, arch, check_shapes)
             if match.ref in taken:

@@ -33,9 +33,14 @@ UNSUPPORTED_PARTS: dict[str, str] = {
     "a2.weight": "GLoRA is not supported",
     "b1.weight": "GLoRA is not supported",
     "b2.weight": "GLoRA is not supported",
-    "diff_b": "bias deltas (diff_b) are not supported",
 }
 """Parts of formats we recognise but do not read; their modules are reported unmatched."""
+
+SIDE_PARTS: dict[str, str] = {
+    "diff_b": "bias deltas (diff_b) are not applied; the module's weight delta is",
+}
+"""Parts that ride along with a readable weight delta: the keys are reported unmatched,
+the module's weight delta is still read."""
 
 
 class FormatError(ValueError):
@@ -117,7 +122,10 @@ def _registry() -> list[Adapter]:
 ADAPTERS: list[Adapter] = _registry()
 KNOWN_PARTS: tuple[str, ...] = tuple(
     sorted(
-        {p for a in ADAPTERS for p in a.parts} | SHARED_PARTS | set(UNSUPPORTED_PARTS),
+        {p for a in ADAPTERS for p in a.parts}
+        | SHARED_PARTS
+        | set(UNSUPPORTED_PARTS)
+        | set(SIDE_PARTS),
         key=len,
         reverse=True,
     )
