@@ -554,6 +554,8 @@ _DIFFUSERS_PREFIX: dict[str, Component] = {
 }
 # Old diffusers attention-processor LoRAs: '<attn>.processor.to_q_lora' → '<attn>.to_q'.
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
+# Old diffusers text-encoder LoRAs: 'self_attn.to_k_lora' → 'self_attn.k_proj'.
+_TEXT_OLD = re.compile(r"\.self_attn\.to_(q|k|v|out)_lora$")
 
 
 def _text_path(path: str) -> str:
@@ -566,7 +568,8 @@ def parse_diffusers_name(name: str, arch: Architecture) -> ModuleRef | None:
 
     Accepts ``unet.`` (diffusers or ldm UNet path), ``text_encoder.`` (→ ``te1``) and
     ``text_encoder_2.`` (→ ``te2``, SDXL only), with or without ``text_model.``, and the
-    old attention-processor spelling ``….processor.to_q_lora``.
+    old diffusers spellings ``….processor.to_q_lora`` (UNet) and ``self_attn.to_q_lora``
+    (text encoder).
     """
     for prefix, component in _DIFFUSERS_PREFIX.items():
         if not name.startswith(prefix):
@@ -582,6 +585,7 @@ def parse_diffusers_name(name: str, arch: Architecture) -> ModuleRef | None:
             except InvalidInputError:
                 return None
         else:
+            path = _TEXT_OLD.sub(lambda m: f".self_attn.{m[1]}_proj", path)
             ref = ModuleRef(component, _text_path(path))
         return ref if module_spec(ref, arch) is not None else None
     return None

@@ -235,6 +235,10 @@ def test_diffusers_and_peft_names() -> None:
     te = ModuleRef("te1", "text_model.encoder.layers.3.mlp.fc1")
     assert parse_module_name("text_encoder.text_model.encoder.layers.3.mlp.fc1", SD1) == te
     assert parse_module_name("text_encoder.encoder.layers.3.mlp.fc1", SD1) == te  # transformers 5
+    old = "text_encoder.text_model.encoder.layers.3.self_attn.to_out_lora"
+    assert parse_module_name(old, SD1) == ModuleRef(
+        "te1", "text_model.encoder.layers.3.self_attn.out_proj"
+    )
     te2 = ModuleRef("te2", "text_model.encoder.layers.20.self_attn.v_proj")
     assert parse_module_name("text_encoder_2.encoder.layers.20.self_attn.v_proj", SDXL) == te2
     assert parse_module_name("text_encoder_2.encoder.layers.20.self_attn.v_proj", SD1) is None
