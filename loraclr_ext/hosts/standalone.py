@@ -290,7 +290,8 @@ class StandaloneHost:
         ids = tok(prompts, padding=False, truncation=True, max_length=tok.model_max_length)
         return Tokens(ids=[list(map(int, x)) for x in ids.input_ids], length=tok.model_max_length)
 
-    @torch.no_grad()
+    # encode and predict_noise follow the caller's grad mode: the engine runs them under
+    # no_grad, the demo's concept fitter trains LoRA factors through them.
     def encode(self, prompts: list[str]) -> Conditioning:
         """The pipeline's own ``encode_prompt`` (no CFG, clip skip none).
 
@@ -384,7 +385,6 @@ class StandaloneHost:
                 callback(i, steps)
         return latents
 
-    @torch.no_grad()
     def predict_noise(
         self, latents: torch.Tensor, timestep: int, cond: Conditioning
     ) -> torch.Tensor:

@@ -1,0 +1,230 @@
+"""The one entry point every front end calls: plan → collect → solve → write → report.
+
+``run_merge`` never writes host weights (concepts are applied by hooks inside the host's
+``clean_weights`` context) and writes its output only after everything else succeeded,
+through an atomic rename; on any error or interrupt nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loraclr_ext import __version__
+from loraclr_ext.collect import collect, new_stats
+from loraclr_ext.deltas import ModuleDelta
+from loraclr_ext.errors import InvalidInputError
+from loraclr_ext.hosts.base import Host
+from loraclr_ext.plan import MergePlan
+from loraclr_ext.progress import Progress, SilentProgress, check_interrupt
+from loraclr_ext.quality import QualityReport, evaluate
+from loraclr_ext.solver import LayerStats, SolverSettings, solve_layer
+from loraclr_ext.targets import ModuleRef
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class LayerSummary:
+    """How one layer was solved (for the report and for debugging)."""
+
+    ref: str
+    rank: int
+    exact_rank: int
+    energy_kept: float
+    output_kept: float
+    iterations: int
+    repel_active: bool
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MergeResult:
+    """What a merge produced. ``path`` is ``None`` when nothing was written (dry run)."""
+
+    path: Path | None
+    factors: dict[ModuleRef, ModuleDelta]
+    layers: list[LayerSummary]
+    triggers: list[str]
+    seconds: dict[str, float]
+    report: QualityReport | None = None
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def prompt_tag(self) -> str:
+        """What to type in a prompt: ``<lora:NAME:1>`` plus the concepts' trigger words."""
+        name = self.path.stem if self.path else "merged"
+        return " ".join([f"<lora:{name}:1>", *self.triggers])
+
+
+def run_merge(
+    plan: MergePlan, host: Host, progress: Progress | None = None, *, write: bool = True
+) -> MergeResult:
+    """Merge ``plan``'s concepts on ``host``'s loaded model and (optionally) write the file."""
+    progress = progress or SilentProgress()
+    clock = {"start": time.perf_counter()}
+    with torch.no_grad(), host.clean_weights():
+        modules, skipped = _target_modules(plan, host)
+        weights = {ref: host.base_weight(ref) for ref in modules}
+        _check_shapes(plan, weights)
+        stats = new_stats(plan, weights, host.device)
+        collect(plan, host, modules, stats, progress)
+        clock["collect"] = time.perf_counter()
+        factors, layers, least_squares = _solve(plan, stats, weights, progress)
+        clock["solve"] = time.perf_counter()
+        report = None
+        if plan.options.report:
+            check_interrupt(progress)
+            report = evaluate(plan, host, modules, factors, least_squares, progress)
+        clock["report"] = time.perf_counter()
+    check_interrupt(progress)
+    triggers = _triggers(plan)
+    path = _write(plan, factors, triggers, layers) if write else None
+    clock["write"] = time.perf_counter()
+    return MergeResult(
+        path=path,
+        factors=factors,
+        layers=layers,
+        triggers=triggers,
+        seconds=_durations(clock),
+        report=report,
+        skipped=skipped,
+    )
+
+
+def _target_modules(
+    plan: MergePlan, host: Host
+) -> tuple[dict[ModuleRef, torch.nn.Module], list[str]]:
+    refs = plan.refs
+    found = host.modules(refs)
+    missing = [str(r) for r in refs if r not in found]
+    if len(missing) > 0.1 * len(refs):
+        raise InvalidInputError(
+            f"{len(missing)} of {len(refs)} LoRA modules are not in the loaded model "
+            f"(e.g. {missing[0]}); is the checkpoint of the LoRAs' architecture?"
+        )
+    return found, missing
+
+
+def _check_shapes(plan: MergePlan, weights: Mapping[ModuleRef, torch.Tensor]) -> None:
+    for concept in plan.concepts:
+        for ref, delta in concept.deltas.items():
+            if ref not in weights:
+                continue
+            shape = (delta.out_features, delta.in_features)
+            if tuple(weights[ref].shape) != shape:
+                raise InvalidInputError(
+                    f"{concept.lora.path.name}: module {ref} has shape {shape} in the LoRA but "
+                    f"{tuple(weights[ref].shape)} in the loaded model; the LoRA was trained for "
+                    "another model size."
+                )
+
+
+def _solve(
+    plan: MergePlan,
+    stats: Mapping[ModuleRef, LayerStats],
+    weights: Mapping[ModuleRef, torch.Tensor],
+    progress: Progress,
+) -> tuple[dict[ModuleRef, ModuleDelta], list[LayerSummary], dict[ModuleRef, ModuleDelta]]:
+    """Solve every layer; also the least-squares baseline when a report is wanted."""
+    settings = plan.options.solver_settings()
+    ls_settings = SolverSettings(objective="least_squares")
+    progress.stage("Solving layers", len(stats))
+    factors, least_squares, layers = {}, {}, []
+    for ref, layer_stats in stats.items():
+        check_interrupt(progress)
+        ups = [_up(c.deltas.get(ref), weights[ref].shape[0]) for c in plan.concepts]
+        base = weights[ref].to(layer_stats.device)
+        solution = solve_layer(layer_stats, ups, base, settings, layer=str(ref))
+        kernel = _kernel(plan, ref)
+        factors[ref] = ModuleDelta(solution.up.cpu(), solution.down.cpu(), kernel)
+        if plan.options.report:
+            ls = solve_layer(layer_stats, ups, base, ls_settings, layer=str(ref))
+            least_squares[ref] = ModuleDelta(ls.up.cpu(), ls.down.cpu(), kernel)
+        layers.append(
+            LayerSummary(
+                str(ref),
+                solution.rank,
+                solution.exact_rank,
+                solution.energy_kept,
+                solution.output_kept,
+                solution.iterations,
+                solution.repel_active,
+                solution.notes,
+            )
+        )
+        progress.advance()
+    return factors, layers, least_squares
+
+
+def _up(delta: ModuleDelta | None, out: int) -> torch.Tensor:
+    return torch.zeros(out, 0) if delta is None else delta.up.float()
+
+
+def _kernel(plan: MergePlan, ref: ModuleRef) -> tuple[int, int] | None:
+    for concept in plan.concepts:
+        if ref in concept.deltas:
+            return concept.deltas[ref].kernel
+    return None
+
+
+def _triggers(plan: MergePlan) -> list[str]:
+    """Each concept's prompt, which holds its trigger words, in concept order."""
+    return [c.prompt for c in plan.concepts]
+
+
+def _write(
+    plan: MergePlan,
+    factors: dict[ModuleRef, ModuleDelta],
+    triggers: list[str],
+    layers: list[LayerSummary],
+) -> Path:
+    from loraclr_ext.lora_write import write_lora
+
+    recipe = {
+        "version": __version__,
+        "method": "loraclr",
+        "concepts": [
+            {
+                "file": c.lora.path.name,
+                "sha256": c.lora.sha256,
+                "prompt": c.prompt,
+                "strength": c.strength,
+            }
+            for c in plan.concepts
+        ],
+        "options": plan.options.to_dict(),
+        "rank": max((layer.rank for layer in layers), default=0),
+    }
+    tags = [
+        c.lora.metadata["ss_tag_frequency"]
+        for c in plan.concepts
+        if "ss_tag_frequency" in c.lora.metadata
+    ]
+    return write_lora(
+        plan.output,
+        factors,
+        plan.architecture,
+        dtype=DTYPES[plan.options.precision],
+        title=plan.output.stem,
+        triggers=triggers,
+        sources=[(c.lora.path.name, c.lora.sha256) for c in plan.concepts],
+        tag_frequency=tags,
+        recipe=recipe,
+        description="LoRACLR merge of " + ", ".join(c.name for c in plan.concepts),
+        overwrite=plan.options.overwrite,
+        check_shapes=False,  # shapes were checked against the loaded model itself
+    )
+
+
+def _durations(clock: dict[str, float]) -> dict[str, float]:
+    order = ["start", "collect", "solve", "report", "write"]
+    return {
+        b: round(clock[b] - clock[a], 3)
+        for a, b in zip(order, order[1:])
+        if a in clock and b in clock
+    }

@@ -1,0 +1,42 @@
+"""Progress and interruption, as the engine reports them to a CLI bar or a WebUI."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from loraclr_ext.errors import MergeInterruptedError
+
+
+class Progress(Protocol):
+    """Receives stage changes and steps; says when the user pressed Interrupt."""
+
+    def stage(self, text: str, total: int) -> None:
+        """A new stage of ``total`` steps begins."""
+        ...
+
+    def advance(self, steps: int = 1) -> None:
+        """``steps`` more steps of the current stage are done."""
+        ...
+
+    def interrupted(self) -> bool:
+        """True once the user asked to stop."""
+        ...
+
+
+class SilentProgress:
+    """Progress that shows nothing and is never interrupted (library use, tests)."""
+
+    def stage(self, text: str, total: int) -> None:
+        pass
+
+    def advance(self, steps: int = 1) -> None:
+        pass
+
+    def interrupted(self) -> bool:
+        return False
+
+
+def check_interrupt(progress: Progress) -> None:
+    """Raise :class:`MergeInterruptedError` if the user asked to stop."""
+    if progress.interrupted():
+        raise MergeInterruptedError("Merge interrupted; nothing was written.")
