@@ -1,11 +1,17 @@
 """Fit small concept LoRAs that behave like trained ones, for the demo and the tests.
 
-A trained character LoRA changes the model a lot for prompts that contain its trigger
-word and little for anything else. This module reproduces that in miniature, on any
-host: for the trigger prompts the LoRA moves the conditioning at the trigger tokens and
-the UNet output towards a fixed random "appearance"; for prompts without the trigger
-(other concepts, neutral scenes) it is trained to change nothing. No data, no weights
-from anywhere: everything is seeded.
+A trained character LoRA changes the model a lot where its trigger word appears and
+little elsewhere. This module fits such a LoRA on any host, from the base model's own
+activations, one layer at a time and in closed form (ridge least squares, then the best
+rank-``r`` approximation):
+
+* text-encoder layers and cross-attention K/V: rows of the concept's prompts at its
+  trigger tokens are moved along a fixed random output direction; every other row (the
+  template words, padding, other concepts' prompts, neutral prompts) must stay put;
+* the other UNet transformer layers get a small random change, as a style component
+  that bleeds into every prompt like a real LoRA's does.
+
+Nothing is downloaded or trained on data; everything is seeded.
 """
 
 from __future__ import annotations
@@ -15,32 +21,35 @@ from dataclasses import dataclass
 import torch
 
 from loraclr_ext.deltas import ModuleDelta
-from loraclr_ext.hooks import applied
+from loraclr_ext.hooks import applied, recording
 from loraclr_ext.hosts.base import Host
 from loraclr_ext.naming import module_refs
+from loraclr_ext.plan import is_cross_kv
 from loraclr_ext.targets import ModuleRef
 
-TRAIN_TEMPLATES = ("{}", "a photo of {}", "{} in a garden", "a portrait of {}")
-OTHER_PROMPTS = (
+TRAIN_TEMPLATES = ("{}", "a photo of {}", "{} in a garden", "a portrait of {}", "a painting of {}")
+NEUTRAL = (
     "a photo of a dog",
     "a photo of a cat",
     "a castle in the style of a painting",
     "a person",
+    "a man and a woman in the city",
+    "a portrait of the man",
+    "a landscape with a house",
+    "the woman in a garden at night",
 )
 
 
 @dataclass(frozen=True)
 class FitSettings:
-    """How hard to fit: rank, Adam steps and learning rate, effect sizes (relative to the
-    base outputs' RMS), timesteps (of 1000) and latent size."""
+    """Rank, effect sizes (relative to each layer's output RMS at the trigger tokens),
+    the relative ridge of the per-layer fit, and the seed."""
 
     rank: int = 4
-    steps: int = 120
-    lr: float = 3e-2
-    text_shift: float = 1.0
-    unet_shift: float = 0.5
-    timesteps: tuple[int, ...] = (300, 700)
-    size: int = 64
+    text_shift: float = 0.5
+    kv_shift: float = 2.0
+    style: float = 0.005
+    ridge: float = 1e-1
     seed: int = 0
 
 
@@ -53,86 +62,84 @@ def concept_refs(host: Host) -> list[ModuleRef]:
 def fit_concept(
     host: Host, prompt: str, trigger: str, others: list[str], settings: FitSettings = FitSettings()
 ) -> dict[ModuleRef, ModuleDelta]:
-    """Train a LoRA for ``prompt`` whose effect is tied to the token(s) of ``trigger``.
+    """Fit a LoRA for ``prompt`` whose effect is tied to the token(s) of ``trigger``.
 
     Args:
-        host: the base model (never modified; the LoRA acts through hooks).
+        host: the base model (never modified).
         prompt: the concept prompt, e.g. ``"sks dog"``.
         trigger: the word that carries the concept, e.g. ``"sks"``.
         others: prompts the LoRA must leave unchanged (other concepts, neutral scenes).
 
     Returns:
-        Exact deltas ``up [out, r] @ down [r, in]`` per module (scale folded in).
+        Exact deltas ``up [out, r] @ down [r, in]`` per module.
     """
     g = torch.Generator().manual_seed(settings.seed)
     refs = concept_refs(host)
     modules = host.modules(refs)
-    params = {}
-    for ref in refs:
-        w = host.base_weight(ref)
-        down = torch.randn(settings.rank, w.shape[1], generator=g) / w.shape[1] ** 0.5
-        params[ref] = (torch.zeros(w.shape[0], settings.rank), down)
-    trainable = [t for pair in params.values() for t in pair]
-    for t in trainable:
-        t.requires_grad_(True)
-
     positives = [t.format(prompt) for t in TRAIN_TEMPLATES]
-    negatives = list(others) + list(OTHER_PROMPTS)
+    negatives = [t.format(o) for o in others for t in TRAIN_TEMPLATES] + list(NEUTRAL)
+    prompts = positives + negatives
     trig_ids = set(host.tokenize([trigger]).ids[0][1:-1])
-    mask = _positions(host, positives, trig_ids)  # [B, T]
-    latents = torch.randn(len(positives), 4, settings.size // 8, settings.size // 8, generator=g)
-    neg_latents = torch.randn(
-        len(negatives), 4, settings.size // 8, settings.size // 8, generator=g
-    )
+    mask = torch.zeros(len(prompts), host.tokenize(prompts).length, dtype=torch.bool)
+    for b, row in enumerate(host.tokenize(positives).ids):
+        for t, token in enumerate(row[: mask.shape[1]]):
+            mask[b, t] = token in trig_ids
+    flat_mask = mask.reshape(-1)
+
+    deltas: dict[ModuleRef, ModuleDelta] = {}
+    text = {r: m for r, m in modules.items() if r.is_text}
+    rows: dict[ModuleRef, list[torch.Tensor]] = {r: [] for r in text}
     with torch.no_grad():
-        base_pos = host.encode(positives).context.float()
-        base_neg = host.encode(negatives).context.float()
-        text_dir = torch.randn(base_pos.shape[-1], generator=g)
-        text_target = base_pos + mask[..., None] * text_dir * settings.text_shift * base_pos.std()
-        eps_targets, eps_neg = [], []
-        for t in settings.timesteps:
-            eps = host.predict_noise(latents, t, _cond(host, positives)).float()
-            look = torch.randn(eps.shape[1:], generator=g)
-            eps_targets.append(eps + settings.unet_shift * eps.std() * look)
-            eps_neg.append(host.predict_noise(neg_latents, t, _cond(host, negatives)).float())
-
-    deltas = {ref: ModuleDelta(up, down) for ref, (up, down) in params.items()}
-    optimizer = torch.optim.Adam(trainable, lr=settings.lr)
-    for _ in range(settings.steps):
-        optimizer.zero_grad()
+        # Layer by layer would follow the LoRA's own cascade; one pass on the base model
+        # is close enough for a fixture and keeps the fit instant.
+        with recording(text, lambda ref, x, w: rows[ref].append(x.float().cpu())):
+            host.encode(prompts)
+        for ref in text:
+            deltas[ref] = _fit_layer(host, ref, torch.cat(rows[ref]), flat_mask, settings.text_shift, settings, g)
         with applied(modules, deltas):
-            cond_pos = host.encode(positives)
-            cond_neg = host.encode(negatives)
-            loss = _mse(cond_pos.context, text_target) * 4 + _mse(cond_neg.context, base_neg)
-            for k, t in enumerate(settings.timesteps):
-                loss = loss + _mse(host.predict_noise(latents, t, cond_pos), eps_targets[k])
-                loss = loss + _mse(host.predict_noise(neg_latents, t, cond_neg), eps_neg[k])
-        loss.backward()
-        optimizer.step()
-    return {
-        ref: ModuleDelta(up.detach().clone(), down.detach().clone(), _kernel(modules[ref]))
-        for ref, (up, down) in params.items()
-    }
+            context = host.encode(prompts).context.float().cpu()
+        ctx_rows = context.reshape(-1, context.shape[-1])
+        for ref in (r for r in modules if is_cross_kv(r)):
+            deltas[ref] = _fit_layer(host, ref, ctx_rows, flat_mask, settings.kv_shift, settings, g)
+        for ref in (r for r in modules if r.component == "unet" and not is_cross_kv(r)):
+            deltas[ref] = _style(host, ref, modules[ref], settings, g)
+    return deltas
 
 
-def _positions(host: Host, prompts: list[str], ids: set[int]) -> torch.Tensor:
-    tokens = host.tokenize(prompts)
-    mask = torch.zeros(len(prompts), tokens.length)
-    for b, row in enumerate(tokens.ids):
-        for t, token in enumerate(row[: tokens.length]):
-            if token in ids:
-                mask[b, t] = 1.0
-    return mask
+def _fit_layer(
+    host: Host,
+    ref: ModuleRef,
+    x: torch.Tensor,
+    trigger: torch.Tensor,
+    shift: float,
+    settings: FitSettings,
+    g: torch.Generator,
+) -> ModuleDelta:
+    """Rank-``r`` ``ΔW`` moving trigger rows of ``x [t, in]`` along one direction, others not."""
+    w0 = host.base_weight(ref).double()
+    x = x.double()
+    direction = torch.randn(w0.shape[0], generator=g, dtype=torch.float64)
+    direction /= direction.norm()
+    out_rms = (x[trigger] @ w0.T).pow(2).mean().sqrt() * w0.shape[0] ** 0.5
+    target = torch.zeros(x.shape[0], w0.shape[0], dtype=torch.float64)
+    target[trigger] = shift * out_rms * direction
+    weight = torch.where(trigger, 20.0, 1.0).double()[:, None]  # few trigger rows vs many others
+    gram = (x * weight).T @ x
+    gram += settings.ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    dense = torch.linalg.solve(gram, (x * weight).T @ target).T  # [out, in]
+    u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+    r = min(settings.rank, int((s > 1e-9 * s.max()).sum()))
+    root = s[:r].sqrt()
+    return ModuleDelta((u[:, :r] * root).float(), (root[:, None] * vh[:r]).float())
 
 
-def _cond(host: Host, prompts: list[str]):  # noqa: ANN202
-    return host.encode(prompts)
-
-
-def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.float() - b).pow(2).mean() / b.pow(2).mean().clamp_min(1e-12)
-
-
-def _kernel(module: torch.nn.Module) -> tuple[int, int] | None:
-    weight = module.weight
-    return tuple(weight.shape[2:]) if weight.ndim == 4 else None
+def _style(
+    host: Host, ref: ModuleRef, module: torch.nn.Module, settings: FitSettings, g: torch.Generator
+) -> ModuleDelta:
+    """A small random rank-``r`` change of ``settings.style`` times the weight's norm."""
+    w0 = host.base_weight(ref)
+    up = torch.randn(w0.shape[0], settings.rank, generator=g)
+    down = torch.randn(settings.rank, w0.shape[1], generator=g)
+    scale = settings.style * float(w0.norm()) / float((up @ down).norm())
+    kernel = tuple(module.weight.shape[2:]) if module.weight.ndim == 4 else None
+    return ModuleDelta(up * scale**0.5, down * scale**0.5, kernel)

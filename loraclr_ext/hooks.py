@@ -52,7 +52,7 @@ def applied(
     try:
         for ref, delta in deltas.items():
             module = modules.get(ref)
-            if module is None:
+            if module is None or delta.rank == 0:
                 continue
 
             def hook(mod, args, output, delta=delta):  # noqa: ANN001, ANN202

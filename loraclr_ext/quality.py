@@ -31,22 +31,23 @@ Deltas = Mapping[ModuleRef, ModuleDelta]
 
 @dataclass
 class ConceptScore:
-    """One method's numbers for one concept (lower is better except ``isolation``).
+    """One method's numbers for one concept (lower is better).
 
     Attributes:
         text_trigger: relative error of the conditioning at the trigger tokens.
         text_all: relative error over all 77 conditioning tokens.
         unet: relative error of the UNet output.
-        isolation: ``min_j |merged − own_j| / |own_i − own_j|`` at the UNet output on concept
-            i's prompts, ``own_j`` being LoRA j alone on those prompts; 1 = as distinct from
-            every other concept as LoRA i alone, below 1 = pulled towards another (bleed).
+        leak: isolation, as the share of the other LoRAs' effect on concept i's prompts that
+            the method carries over, at the UNet output: ``⟨merged − own_i, E⟩ / ‖E‖²`` with
+            ``E = Σ_{j≠i} (own_j − base)`` on concept i's prompts. Stacking ≈ 1 (it applies
+            them all), 0 = no bleed.
     """
 
     concept: str
     text_trigger: float
     text_all: float
     unet: float
-    isolation: float
+    leak: float
 
 
 @dataclass
@@ -82,22 +83,23 @@ class QualityReport:
 
     def table(self) -> str:
         """A plain-text table: one row per method and concept, then the means."""
-        head = f"{'method':<14} {'concept':<18} {'text@trigger':>12} {'text@all':>9} {'unet':>7} {'isolation':>9}"
+        head = f"{'method':<14} {'concept':<18} {'text@trigger':>12} {'text@all':>9} {'unet':>7} {'leak':>7}"
         lines = [head, "-" * len(head)]
         for m in self.methods:
             for c in m.concepts:
                 lines.append(
                     f"{m.method:<14} {c.concept[:18]:<18} {c.text_trigger:>12.3f} {c.text_all:>9.3f} "
-                    f"{c.unet:>7.3f} {c.isolation:>9.3f}"
+                    f"{c.unet:>7.3f} {c.leak:>7.3f}"
                 )
         lines.append("")
         lines.append(
-            f"{'method':<14} {'mean text@trig':>14} {'mean unet':>10} {'isolation':>9} {'base moved (text/unet)':>24}"
+            f"{'method':<14} {'mean text@trig':>14} {'mean unet':>10} {'mean leak':>9} "
+            f"{'base moved (text/unet)':>24}"
         )
         for m in self.methods:
             lines.append(
                 f"{m.method:<14} {m.mean('text_trigger'):>14.3f} {m.mean('unet'):>10.3f} "
-                f"{m.mean('isolation'):>9.3f} {m.preservation_text:>11.3f} / {m.preservation_unet:.3f}"
+                f"{m.mean('leak'):>9.3f} {m.preservation_text:>11.3f} / {m.preservation_unet:.3f}"
             )
         return "\n".join(lines)
 
@@ -173,23 +175,18 @@ def evaluate(
         base = _run(host, modules, {}, prompts, latents)
         owns = [_run(host, modules, c.deltas, prompts, latents) for c in concepts]
         own = owns[i]
+        bleed = sum(owns[j].eps - base.eps for j in range(n) if j != i)
         for name, deltas in methods.items():
             out = _run(host, modules, deltas, prompts, latents)
             t_m, t_o, t_b = (x.cond.context[trig] for x in (out, own, base))
-            isolation = min(
-                float(
-                    (out.eps - owns[j].eps).norm() / (own.eps - owns[j].eps).norm().clamp_min(1e-12)
-                )
-                for j in range(n)
-                if j != i
-            )
+            leak = float(((out.eps - own.eps) * bleed).sum() / bleed.pow(2).sum().clamp_min(1e-24))
             scores[name].append(
                 ConceptScore(
                     concept=concept.name,
                     text_trigger=_rel(t_m, t_o, t_b) if trig.any() else float("nan"),
                     text_all=_rel(out.cond.context, own.cond.context, base.cond.context),
                     unet=_rel(out.eps, own.eps, base.eps),
-                    isolation=isolation,
+                    leak=leak,
                 )
             )
         progress.advance()

@@ -281,3 +281,15 @@ def test_bad_inputs_raise_documented_errors():
         SolverSettings(margin=-1)
     with pytest.raises(InvalidInputError, match="objective"):
         SolverSettings(objective="mystery")
+
+
+def test_scale_free_objective_matches_features_and_is_optimal_without_hinge():
+    w0, ups, downs, feats = make_problem(n=3)
+    settings = SolverSettings(distance="rms", margin=0.0, reg=1e-2)
+    solution = solve_layer(stats_for(downs, feats), ups, w0, settings)
+    deltas = [u @ d for u, d in zip(ups, downs)]
+    value = objective_from_features(solution.dense(), w0, feats, deltas, settings)
+    assert value == pytest.approx(solution.final_value, rel=1e-5)
+    for scale in (0.99, 1.01):
+        worse = objective_from_features(solution.dense() * scale, w0, feats, deltas, settings)
+        assert worse > value

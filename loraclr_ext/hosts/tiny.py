@@ -164,7 +164,7 @@ def _text_config(hidden: int, layers: int, heads: int, projection: int, act: str
     )
 
 
-def _unet_sd1() -> dict[str, Any]:
+def _unet_sd1(context_dim: int = 32) -> dict[str, Any]:
     return {
         "sample_size": 8,
         "block_out_channels": (32, 64),
@@ -173,15 +173,15 @@ def _unet_sd1() -> dict[str, Any]:
         "layers_per_block": 2,
         "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
         "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-        "cross_attention_dim": 32,
+        "cross_attention_dim": context_dim,
         "attention_head_dim": 8,
         "use_linear_projection": False,
     }
 
 
-def _unet_sd2() -> dict[str, Any]:
+def _unet_sd2(context_dim: int = 32) -> dict[str, Any]:
     # SD2 differs from SD1 in the layout only by linear proj_in/proj_out and per-block heads.
-    cfg = _unet_sd1()
+    cfg = _unet_sd1(context_dim)
     cfg.update(attention_head_dim=(2, 4), use_linear_projection=True)
     return cfg
 
@@ -238,12 +238,14 @@ def _scheduler(prediction_type: str) -> Any:
     )
 
 
-def build_tiny_pipeline(arch: Architecture, seed: int = 0) -> Any:
+def build_tiny_pipeline(arch: Architecture, seed: int = 0, text_width: int = 32) -> Any:
     """A ``StableDiffusionPipeline`` (SD1, SD2) or ``StableDiffusionXLPipeline`` (SDXL) with
     tiny seeded random weights, in eval mode, fp32, on the CPU.
 
-    Shapes: SD1/SD2 context ``[B, 77, 32]``; SDXL context ``[B, 77, 32 + 64]`` (first encoder
-    hidden 32, second 64) and pooled ``[B, 32]``. Same ``seed`` -> identical weights.
+    Shapes (``w = text_width``): SD1/SD2 context ``[B, 77, w]``; SDXL context
+    ``[B, 77, w + 2w]`` (first encoder hidden w, second 2w) and pooled ``[B, 32]``. Same
+    ``seed`` -> identical weights. A wider text space (e.g. 256) lets concept LoRAs be
+    selective for their trigger words as in real models (768 wide); 32 is fastest.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -254,9 +256,10 @@ def build_tiny_pipeline(arch: Architecture, seed: int = 0) -> Any:
     try:
         vae = _tiny_vae()
         if arch is Architecture.SDXL:
-            te1 = CLIPTextModel(_text_config(32, 2, 4, 32, "quick_gelu"))
-            te2 = CLIPTextModelWithProjection(_text_config(64, 2, 4, 32, "gelu"))
-            unet = UNet2DConditionModel(**_unet_sdxl(context_dim=32 + 64, pooled_dim=32))
+            w = text_width
+            te1 = CLIPTextModel(_text_config(w, 2, 4, 32, "quick_gelu"))
+            te2 = CLIPTextModelWithProjection(_text_config(2 * w, 2, 4, 32, "gelu"))
+            unet = UNet2DConditionModel(**_unet_sdxl(context_dim=3 * w, pooled_dim=32))
             pipe = StableDiffusionXLPipeline(
                 vae=vae,
                 text_encoder=te1,
@@ -268,8 +271,9 @@ def build_tiny_pipeline(arch: Architecture, seed: int = 0) -> Any:
             )
         else:
             sd2 = arch is Architecture.SD2
-            te = CLIPTextModel(_text_config(32, 3, 4, 32, "gelu" if sd2 else "quick_gelu"))
-            unet = UNet2DConditionModel(**(_unet_sd2() if sd2 else _unet_sd1()))
+            te = CLIPTextModel(_text_config(text_width, 3, 4, 32, "gelu" if sd2 else "quick_gelu"))
+            unet_config = _unet_sd2(text_width) if sd2 else _unet_sd1(text_width)
+            unet = UNet2DConditionModel(**unet_config)
             pipe = StableDiffusionPipeline(
                 vae=vae,
                 text_encoder=te,
@@ -289,12 +293,14 @@ def build_tiny_pipeline(arch: Architecture, seed: int = 0) -> Any:
     return pipe
 
 
-def save_tiny_model(arch: Architecture, folder: str | Path, seed: int = 0) -> Path:
+def save_tiny_model(
+    arch: Architecture, folder: str | Path, seed: int = 0, text_width: int = 32
+) -> Path:
     """Write a tiny pipeline as an ordinary diffusers model folder (``model_index.json``,
     ``unet/``, ``text_encoder/``, ``tokenizer/`` [, ``text_encoder_2/``, ``tokenizer_2/``],
     ``scheduler/``, ``vae/``) with safetensors weights; returns the folder."""
     folder = Path(folder)
-    pipe = build_tiny_pipeline(arch, seed=seed)
+    pipe = build_tiny_pipeline(arch, seed=seed, text_width=text_width)
     pipe.save_pretrained(folder, safe_serialization=True)
     for name in ("tokenizer", "tokenizer_2"):
         if getattr(pipe, name, None) is not None:

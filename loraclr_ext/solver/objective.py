@@ -88,16 +88,33 @@ class FactorProblem:
         sq = a.pow(2).sum(1)[:, None] + b.pow(2).sum(1)[None, :] - 2 * a @ b.T
         return sq.clamp_min(1e-30).sqrt() * self.repel.scale
 
+    def separation(self) -> torch.Tensor:
+        """``sep[i, j] = ‖Y_i − Y_j‖`` between the concepts' own targets ``[n, n]``."""
+        assert self.repel is not None
+        t = self.repel.targets.reshape(self.concepts, -1)
+        sq = t.pow(2).sum(1)[:, None] + t.pow(2).sum(1)[None, :] - 2 * t @ t.T
+        return sq.clamp_min(0).sqrt() * self.repel.scale
+
     def hinge(self, D: torch.Tensor) -> torch.Tensor:
-        """``Σ_i max(0, m − d_i⁻)²`` with the objective's choice of negative distance."""
+        """``Σ_i max(0, m − d_i⁻)²`` with the objective's choice of negative distance.
+
+        Scale-free mode uses a relative margin per pair, ``m·‖Y_i − Y_j‖``: the merged output
+        on j's inputs must keep at least a fraction ``m`` of the true separation from i's
+        target, and rows where the concepts agree ask for nothing.
+        """
         if self.repel is None or self.concepts < 2 or not self.settings.has_repel:
             return D.new_zeros(())
         dist = self.distances(D)
         if self.settings.objective == "loraclr":
             dist = dist.T  # paper: target of i against merged output on j
+        margin = self.settings.margin
+        if self.scale_free:
+            violation = torch.relu(margin * self.separation() - dist)
+            violation = violation * (1 - torch.eye(self.concepts, dtype=dist.dtype))
+            return violation.max(dim=1).values.pow(2).sum()
         off = dist + torch.diag(torch.full((self.concepts,), torch.inf, dtype=dist.dtype))
         negative = off.min(dim=1).values
-        return torch.relu(self.settings.margin - negative).pow(2).sum()
+        return torch.relu(margin - negative).pow(2).sum()
 
     def value(self, D: torch.Tensor) -> torch.Tensor:
         """The configured objective at ``D``."""
@@ -106,19 +123,47 @@ class FactorProblem:
         if s.objective == "least_squares":
             return attract
         repel_weight = s.repel if s.objective == "loraclr" else 1.0
-        total = (attract + repel_weight * self.hinge(D)) / n + s.reg * self.delta_norm(D)
+        attract = attract * self.attract_scale()
+        total = (attract + repel_weight * self.hinge(D)) / n + self.regulariser(D)
         if s.objective == "official":
             total = total + s.mse * attract / (self.weight_total * self.U.shape[0])
         if s.preserve > 0:
             total = total + s.preserve * self.preserve(D)
         return total
 
+    @property
+    def scale_free(self) -> bool:
+        """``loraclr`` with ``rms`` distances: every term in activation units."""
+        return self.settings.objective == "loraclr" and self.settings.distance == "rms"
+
+    def mean_input_power(self) -> float:
+        """``tr(G)/d``: the average squared input per dimension, summed over rows."""
+        return float(self.G.diagonal().mean())
+
+    def regulariser(self, D: torch.Tensor) -> torch.Tensor:
+        """``λ‖Δ‖`` (paper, code); scale-free: ``λ‖Δ‖²·(tr G/d)/(Σw·out)``, i.e. λ times the
+        mean squared output change Δ would cause on isotropic inputs of the layer's power,
+        which makes λ a relative ridge."""
+        s = self.settings
+        if self.scale_free:
+            power = self.mean_input_power() / (self.weight_total * self.U.shape[0])
+            return s.reg * power * (self.M @ D * D).sum()
+        return s.reg * self.delta_norm(D)
+
+    def attract_scale(self) -> float:
+        """1 for sums (paper, code); ``N / (Σ weights · out)`` in ``rms`` mode, so that the
+        attract term is each concept's mean squared error per output element and stays
+        commensurate with a margin measured in RMS units."""
+        if self.scale_free:
+            return self.concepts / (self.weight_total * self.U.shape[0])
+        return 1.0
+
     def quadratic_coefficient(self) -> float:
         """``a`` such that the hinge-free objective is ``a·attract + λ‖Δ‖ + ν·preserve``."""
         s = self.settings
         if s.objective == "least_squares":
             return 1.0
-        a = 1.0 / self.concepts
+        a = self.attract_scale() / self.concepts
         if s.objective == "official":
             a += s.mse / (self.weight_total * self.U.shape[0])
         return a
@@ -252,10 +297,21 @@ def objective_from_features(
     hinge = dist.new_zeros(())
     if settings.has_repel and n > 1:
         d = dist.T if settings.objective == "loraclr" else dist
-        off = d + torch.diag(torch.full((n,), torch.inf, dtype=d.dtype))
-        hinge = torch.relu(settings.margin - off.min(dim=1).values).pow(2).sum()
+        if settings.objective == "loraclr" and settings.distance == "rms":
+            flat = targets.reshape(n, -1)
+            sep = torch.cdist(flat, flat) / (rows * out) ** 0.5
+            violation = torch.relu(settings.margin * sep - d) * (1 - torch.eye(n, dtype=d.dtype))
+            hinge = violation.max(dim=1).values.pow(2).sum()
+        else:
+            off = d + torch.diag(torch.full((n,), torch.inf, dtype=d.dtype))
+            hinge = torch.relu(settings.margin - off.min(dim=1).values).pow(2).sum()
     repel_weight = settings.repel if settings.objective == "loraclr" else 1.0
-    total = (attract + repel_weight * hinge) / n + settings.reg * dl.norm()
+    reg = settings.reg * dl.norm()
+    if settings.objective == "loraclr" and settings.distance == "rms":
+        attract = attract / (rows * out)
+        power = sum(float(x.pow(2).sum()) for x in f) / f[0].shape[1]
+        reg = settings.reg * power / (n * rows * out) * dl.pow(2).sum()
+    total = (attract + repel_weight * hinge) / n + reg
     if settings.objective == "official":
         total = total + settings.mse * attract / (n * rows * out)
     return float(total)

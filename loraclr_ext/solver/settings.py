@@ -31,8 +31,10 @@ class SolverSettings:
         reg: ``λ`` (``λ_reg``), weight of ``‖Δ‖`` (not squared), per unit of weight norm.
         mse: ``λ_mse`` (``"official"`` only).
         distance: ``"sum"`` — Euclidean norm over all rows, as the paper and code do (with
-            thousands of rows the margin is rarely reached); ``"rms"`` — root mean square per
-            output element, so that ``margin`` is in activation units whatever the row count.
+            thousands of rows the margin is rarely reached); ``"rms"`` (``"loraclr"`` only) —
+            root mean square per output element, and the attract term becomes each concept's
+            mean squared error per element, so ``margin`` is in activation units and both
+            terms keep their balance whatever the row count.
         preserve: ``ν``, weight of ``‖Δ X_0‖²`` on neutral inputs (0 = off).
         ridge: relative Tikhonov floor ``ε·tr(G)/d`` that keeps the closed form defined when
             the statistics are rank-deficient; not part of the objective's value.
