@@ -95,7 +95,9 @@ def fit_concept(
         with recording(text, lambda ref, x, w: rows[ref].append(x.float().cpu())):
             host.encode(prompts)
         for ref in text:
-            deltas[ref] = _fit_layer(host, ref, torch.cat(rows[ref]), flat_mask, settings.text_shift, settings, g)
+            deltas[ref] = _fit_layer(
+                host, ref, torch.cat(rows[ref]), flat_mask, settings.text_shift, settings, g
+            )
         with applied(modules, deltas):
             context = host.encode(prompts).context.float().cpu()
         ctx_rows = context.reshape(-1, context.shape[-1])

@@ -58,7 +58,7 @@ class MergeResult:
     def prompt_tag(self) -> str:
         """What to type in a prompt: ``<lora:NAME:1>`` plus the concepts' trigger words."""
         name = self.path.stem if self.path else "merged"
-        return " ".join([f"<lora:{name}:1>", *self.triggers])
+        return ", ".join([f"<lora:{name}:1>", *self.triggers])
 
 
 def run_merge(
@@ -77,7 +77,7 @@ def run_merge(
         factors, layers, least_squares = _solve(plan, stats, weights, progress)
         clock["solve"] = time.perf_counter()
         report = None
-        if plan.options.report:
+        if plan.options.quality:
             check_interrupt(progress)
             report = evaluate(plan, host, modules, factors, least_squares, progress)
         clock["report"] = time.perf_counter()
@@ -142,7 +142,7 @@ def _solve(
         solution = solve_layer(layer_stats, ups, base, settings, layer=str(ref))
         kernel = _kernel(plan, ref)
         factors[ref] = ModuleDelta(solution.up.cpu(), solution.down.cpu(), kernel)
-        if plan.options.report:
+        if plan.options.quality:
             ls = solve_layer(layer_stats, ups, base, ls_settings, layer=str(ref))
             least_squares[ref] = ModuleDelta(ls.up.cpu(), ls.down.cpu(), kernel)
         layers.append(

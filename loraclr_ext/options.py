@@ -56,12 +56,16 @@ class MergeOptions:
         maximum=2048,
     )
     seed: int = _opt(0, "Seed of the recording run and of the token samples")
-    margin: float = _opt(0.5, "LoRACLR margin m (RMS activation units)", minimum=0.0)
+    margin: float = _opt(
+        0.5, "LoRACLR margin: share of each concept pair's own separation to keep", minimum=0.0
+    )
     repel: float = _opt(
         1.0, "Weight μ of the contrastive repel term (0 = least squares + regulariser)", minimum=0.0
     )
     reg: float = _opt(1e-3, "Weight λ of ‖Δ‖ (keeps the change small)", minimum=0.0)
-    preserve: float = _opt(0.0, "Weight of base preservation on neutral prompts", minimum=0.0)
+    preserve: float = _opt(
+        0.1, "Weight of base preservation on neutral prompts (mean squared change)", minimum=0.0
+    )
     iterations: int = _opt(
         30, "L-BFGS iterations per layer when a margin is violated", minimum=0, maximum=1000
     )
@@ -78,7 +82,9 @@ class MergeOptions:
     )
     precision: Precision = _opt("fp16", "Tensor precision of the saved file")
     overwrite: bool = _opt(False, "Replace an existing file of the same name")
-    report: bool = _opt(True, "Measure fidelity, isolation and base preservation against baselines")
+    quality: bool = _opt(
+        True, "Measure fidelity, isolation and base preservation against baselines"
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -115,6 +115,27 @@ def plan_merge(
     return plan
 
 
+def precheck(
+    specs: list[ConceptSpec], options: MergeOptions, output: Path, *, min_concepts: int = 2
+) -> None:
+    """The checks that need no model and no file contents: run them before loading anything."""
+    if len(specs) < min_concepts:
+        raise InvalidInputError(f"Select at least two LoRAs to merge (got {len(specs)}).")
+    _check_distinct_files(specs)
+    _check_prompts(specs)
+    for spec in specs:
+        if not Path(spec.path).is_file():
+            raise LoraFileError(f"LoRA file {spec.path} does not exist.")
+    if output.suffix.lower() != ".safetensors":
+        raise InvalidInputError(f"Output {output.name} must end in .safetensors.")
+    if output.exists() and not options.overwrite:
+        raise OutputExistsError(f"{output} already exists; choose another name or allow overwrite.")
+    if not output.parent.is_dir():
+        raise InvalidInputError(
+            f"Output directory {output.parent} does not exist; create it first."
+        )
+
+
 def _check_distinct_files(specs: list[ConceptSpec]) -> None:
     seen: dict[Path, int] = {}
     for i, spec in enumerate(specs):

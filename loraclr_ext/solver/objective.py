@@ -52,6 +52,7 @@ class FactorProblem:
     M: torch.Tensor
     G: torch.Tensor
     G0: torch.Tensor | None
+    neutral_weight: float
     P: torch.Tensor
     C: float
     blocks: list[tuple[int, int]]
@@ -69,10 +70,16 @@ class FactorProblem:
         return value.clamp_min(0)
 
     def preserve(self, D: torch.Tensor) -> torch.Tensor:
-        """``‖Δ X_0‖²`` on neutral inputs (0 when none were recorded)."""
+        """``‖Δ X_0‖²`` on neutral inputs (0 when none were recorded); per output element
+        (mean squared change) in scale-free mode, like the attract term."""
         if self.G0 is None:
             return D.new_zeros(())
-        return (self.M @ D @ self.G0 * D).sum()
+        return (self.M @ D @ self.G0 * D).sum() * self.preserve_scale()
+
+    def preserve_scale(self) -> float:
+        if self.scale_free and self.neutral_weight > 0:
+            return 1.0 / (self.neutral_weight * self.U.shape[0])
+        return 1.0
 
     def delta_norm(self, D: torch.Tensor) -> torch.Tensor:
         """``‖Δ‖_F``."""
@@ -223,6 +230,7 @@ def build_problem(
         M=M,
         G=stats.gram.to(**f64),
         G0=G0,
+        neutral_weight=stats.neutral_weight,
         P=P,
         C=C,
         blocks=blocks,

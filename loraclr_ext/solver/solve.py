@@ -71,7 +71,7 @@ def closed_form(problem: FactorProblem, notes: list[str] | None = None) -> torch
     a = problem.quadratic_coefficient()
     H = a * problem.G
     if problem.G0 is not None and s.preserve > 0:
-        H = H + s.preserve * problem.G0
+        H = H + s.preserve * problem.preserve_scale() * problem.G0
     trace = float(H.diagonal().sum())
     if trace <= 0:
         _note(notes, "empty statistics: merged delta is zero")

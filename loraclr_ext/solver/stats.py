@@ -105,6 +105,7 @@ class LayerStats:
         self.dim = dim
         self.gram = torch.zeros(dim, dim, device=self.device, dtype=dtype)
         self.neutral_gram: torch.Tensor | None = None
+        self.neutral_weight = 0.0
         self.cross = [torch.zeros(d.shape[0], dim, device=self.device, dtype=dtype) for d in downs]
         self.self_cross = [
             torch.zeros(d.shape[0], d.shape[0], device=self.device, dtype=dtype) for d in downs
@@ -132,6 +133,7 @@ class LayerStats:
         gram = zw.T @ z
         if concept == NEUTRAL:
             self.neutral_gram = gram if self.neutral_gram is None else self.neutral_gram + gram
+            self.neutral_weight += float(x.shape[0]) if w is None else float(w.sum())
             return
         if not 0 <= concept < self.concepts:
             raise SolverError(f"Concept index {concept} out of range 0..{self.concepts - 1}.")

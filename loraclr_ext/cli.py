@@ -1,0 +1,238 @@
+"""Command line: ``merge``, ``inspect`` and ``demo`` on the standalone (diffusers) host.
+
+Exit codes: 0 success, 1 a clear one-line error (nothing written), 2 bad usage,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from loraclr_ext import __version__
+from loraclr_ext.errors import InvalidInputError, LoraClrError
+from loraclr_ext.options import ConceptSpec, MergeOptions
+
+
+class TqdmProgress:
+    """Engine progress on a tqdm bar, one bar per stage."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def stage(self, text: str, total: int) -> None:
+        from tqdm import tqdm
+
+        self.close()
+        self.bar = tqdm(total=total, desc=text, unit="step", leave=False, file=sys.stderr)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def interrupted(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m loraclr_ext", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"loraclr-merge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    merge = commands.add_parser("merge", help="merge concept LoRAs on a base model")
+    merge.add_argument(
+        "--base",
+        required=True,
+        type=Path,
+        help="diffusers model folder or SD1/SDXL .safetensors checkpoint",
+    )
+    merge.add_argument(
+        "--lora", action="append", type=Path, required=True, help="a concept LoRA (repeat)"
+    )
+    merge.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="its concept prompt with trigger words (pairs with --lora in order)",
+    )
+    merge.add_argument(
+        "--strength",
+        action="append",
+        type=float,
+        help="strength per LoRA (one value for all, or one per --lora)",
+    )
+    merge.add_argument("--out", required=True, type=Path, help="output .safetensors")
+    merge.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    merge.add_argument(
+        "--tokenizer", type=Path, help="folder with the CLIP tokenizer files, if the model has none"
+    )
+    merge.add_argument("--report", type=Path, help="write the quality report here as JSON")
+    _add_options(merge)
+
+    inspect = commands.add_parser("inspect", help="describe a LoRA file")
+    inspect.add_argument("file", type=Path)
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+
+    demo = commands.add_parser("demo", help="self-contained demo merge on a tiny built-in model")
+    demo.add_argument("--workdir", type=Path, help="keep the model, LoRAs and result here")
+    return parser
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`MergeOptions` field (the name ``output`` is ``--out``'s stem)."""
+    from dataclasses import MISSING, fields
+
+    for f in fields(MergeOptions):
+        if f.name == "output":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not MISSING else None
+        if isinstance(default, bool):
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+        elif f.name == "rank":
+            parser.add_argument(flag, type=int, default=None, help=help_text)
+        elif f.name in ("precision", "subspace"):
+            parser.add_argument(flag, default=default, help=f"{help_text} (default {default})")
+        else:
+            parser.add_argument(
+                flag, type=type(default), default=default, help=f"{help_text} (default {default})"
+            )
+
+
+def _options(args: argparse.Namespace, output: str) -> MergeOptions:
+    from dataclasses import fields
+
+    values = {f.name: getattr(args, f.name) for f in fields(MergeOptions) if f.name != "output"}
+    return MergeOptions(output=output, **values)
+
+
+def _specs(args: argparse.Namespace) -> list[ConceptSpec]:
+    if len(args.lora) != len(args.prompt):
+        raise InvalidInputError(
+            f"{len(args.lora)} --lora but {len(args.prompt)} --prompt; give one prompt per LoRA, in order."
+        )
+    strengths = args.strength or [1.0]
+    if len(strengths) == 1:
+        strengths = strengths * len(args.lora)
+    if len(strengths) != len(args.lora):
+        raise InvalidInputError(
+            f"{len(strengths)} --strength for {len(args.lora)} --lora; give one or one per LoRA."
+        )
+    return [ConceptSpec(p, t, s) for p, t, s in zip(args.lora, args.prompt, strengths, strict=True)]
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from loraclr_ext.engine import run_merge
+    from loraclr_ext.hosts.standalone import StandaloneHost, resolve_device
+    from loraclr_ext.plan import plan_merge, precheck
+
+    specs = _specs(args)
+    options = _options(args, args.out.stem)
+    precheck(specs, options, args.out)
+    device = resolve_device(args.device)
+    if not args.base.exists():
+        raise InvalidInputError(f"Base model {args.base} does not exist.")
+    print(f"[LoRACLR] loading {args.base} on {device}", file=sys.stderr)
+    host = StandaloneHost.load(args.base, device, tokenizer=args.tokenizer)
+    plan = plan_merge(specs, options, host.architecture, args.out, check_shapes=False)
+    progress = TqdmProgress()
+    try:
+        result = run_merge(plan, host, progress)
+    finally:
+        progress.close()
+    _print_result(result, args.report)
+    return 0
+
+
+def _print_result(result, report_path: Path | None) -> None:  # noqa: ANN001
+    print(f"wrote {result.path}  (use: {result.prompt_tag})")
+    ranks = sorted({layer.rank for layer in result.layers})
+    print(f"{len(result.layers)} modules, rank {ranks[0]}–{ranks[-1]}; time {result.seconds}")
+    if result.report is not None:
+        print()
+        print(result.report.table())
+        path = report_path or result.path.with_suffix(".report.json")
+        payload = {
+            "file": str(result.path),
+            "seconds": result.seconds,
+            "report": result.report.to_dict(),
+        }
+        path.write_text(json.dumps(payload, indent=2))
+        print(f"\nreport: {path}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from loraclr_ext.lora_read import describe_lora
+
+    info = describe_lora(args.file, check_shapes=False)
+    data = {
+        "file": str(info.path),
+        "architecture": info.architecture.label if info.architecture else "unknown",
+        "format": info.format or "unreadable",
+        "rank": info.rank,
+        "modules": info.modules,
+        "unmatched": info.unmatched,
+        "triggers": info.triggers,
+        "usable": info.usable,
+        "reason": info.reason,
+    }
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        for key, value in data.items():
+            if value is not None:
+                print(f"{key:>13}: {value}")
+    return 0 if info.usable else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from loraclr_ext.demo import run_demo
+
+    run_demo(args.workdir, TqdmProgress())
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers chatter (loading bars, accelerate hints) hides our output."""
+    import logging
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    command = {"merge": cmd_merge, "inspect": cmd_inspect, "demo": cmd_demo}[args.command]
+    try:
+        return command(args)
+    except LoraClrError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written.", file=sys.stderr)
+        return 130
