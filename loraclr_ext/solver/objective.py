@@ -54,6 +54,7 @@ class FactorProblem:
     G0: torch.Tensor | None
     neutral_weight: float
     P: torch.Tensor
+    prior: torch.Tensor
     C: float
     blocks: list[tuple[int, int]]
     weight_total: float
@@ -148,13 +149,16 @@ class FactorProblem:
         return float(self.G.diagonal().mean())
 
     def regulariser(self, D: torch.Tensor) -> torch.Tensor:
-        """``λ‖Δ‖`` (paper, code); scale-free: ``λ‖Δ‖²·(tr G/d)/(Σw·out)``, i.e. λ times the
-        mean squared output change Δ would cause on isotropic inputs of the layer's power,
-        which makes λ a relative ridge."""
+        """``λ‖Δ‖`` (paper, code); scale-free: ``λ‖Δ − ΣΔW_i‖²·(tr G/d)/(Σw·out)``: λ times the
+        mean squared output change the departure from stacking would cause on isotropic
+        inputs of the layer's power. It is a relative ridge towards the stacked LoRAs, so
+        input directions the recorded features never excite keep the LoRAs' own behaviour
+        (and one LoRA merged alone is reproduced exactly)."""
         s = self.settings
         if self.scale_free:
             power = self.mean_input_power() / (self.weight_total * self.U.shape[0])
-            return s.reg * power * (self.M @ D * D).sum()
+            away = D - self.prior
+            return s.reg * power * (self.M @ away * away).sum()
         return s.reg * self.delta_norm(D)
 
     def attract_scale(self) -> float:
@@ -232,12 +236,21 @@ def build_problem(
         G0=G0,
         neutral_weight=stats.neutral_weight,
         P=P,
+        prior=_prior(stats, device),
         C=C,
         blocks=blocks,
         weight_total=max(sum(stats.weight), 1e-30),
         settings=settings,
         repel=repel,
     )
+
+
+def _prior(stats: LayerStats, device: torch.device) -> torch.Tensor:
+    """``D`` of the stacked delta ``Σ_i ΔW_i = U·[down_1; …; down_n]`` in solver coordinates."""
+    downs = torch.cat([d.to(device, torch.float64) for d in stats.downs])  # [R, in]
+    if stats.basis is None:
+        return downs
+    return downs @ stats.basis.to(device, torch.float64).T
 
 
 def _repel_sample(
@@ -318,7 +331,8 @@ def objective_from_features(
     if settings.objective == "loraclr" and settings.distance == "rms":
         attract = attract / (rows * out)
         power = sum(float(x.pow(2).sum()) for x in f) / f[0].shape[1]
-        reg = settings.reg * power / (n * rows * out) * dl.pow(2).sum()
+        away = dl - sum(d.double() for d in concept_deltas)
+        reg = settings.reg * power / (n * rows * out) * away.pow(2).sum()
     total = (attract + repel_weight * hinge) / n + reg
     if settings.objective == "official":
         total = total + settings.mse * attract / (n * rows * out)

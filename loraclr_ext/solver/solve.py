@@ -83,8 +83,9 @@ def closed_form(problem: FactorProblem, notes: list[str] | None = None) -> torch
     H = H + ridge * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     if s.reg <= 0:
         return _shifted_solve(H, rhs, 0.0)
-    if problem.scale_free:  # squared regulariser: a relative ridge of λ
-        return _shifted_solve(H, rhs, a * s.reg * problem.mean_input_power())
+    if problem.scale_free:  # squared regulariser: a relative ridge of λ towards stacking
+        shift = a * s.reg * problem.mean_input_power()
+        return _shifted_solve(H, rhs + shift * problem.prior, shift)
     solved = _solve_norm_shift(H, rhs, problem.M, s.reg / 2)
     if solved is None:
         _note(notes, "regulariser dominates: merged delta is zero")
