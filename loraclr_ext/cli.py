@@ -143,7 +143,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if not args.base.exists():
         raise InvalidInputError(f"Base model {args.base} does not exist.")
-    print(f"[LoRACLR] loading {args.base} on {device}", file=sys.stderr)
+    print(f"[LoRACLR] loading {args.base} on {device}")
     host = StandaloneHost.load(args.base, device, tokenizer=args.tokenizer)
     plan = plan_merge(specs, options, host.architecture, args.out, check_shapes=False)
     progress = TqdmProgress()

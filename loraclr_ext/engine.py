@@ -18,6 +18,7 @@ from loraclr_ext import __version__
 from loraclr_ext.collect import collect, new_stats
 from loraclr_ext.deltas import ModuleDelta
 from loraclr_ext.errors import InvalidInputError
+from loraclr_ext.factorize import pad_rank
 from loraclr_ext.hosts.base import Host
 from loraclr_ext.plan import MergePlan
 from loraclr_ext.progress import Progress, SilentProgress, check_interrupt
@@ -200,6 +201,10 @@ def _write(
         "options": plan.options.to_dict(),
         "rank": max((layer.rank for layer in layers), default=0),
     }
+    rank = max((f.rank for f in factors.values()), default=0)
+    uniform = {
+        ref: ModuleDelta(*pad_rank(f.up, f.down, rank), f.kernel) for ref, f in factors.items()
+    }
     tags = [
         c.lora.metadata["ss_tag_frequency"]
         for c in plan.concepts
@@ -207,7 +212,7 @@ def _write(
     ]
     return write_lora(
         plan.output,
-        factors,
+        uniform,
         plan.architecture,
         dtype=DTYPES[plan.options.precision],
         title=plan.output.stem,

@@ -64,3 +64,18 @@ def khatri_rao_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ``(A1 B1) ∘ (A2 B2) = khatri_rao_rows(A1, A2) @ khatri_rao_rows(B1.T, B2.T).T``.
     """
     return (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)
+
+
+def pad_rank(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append zero columns to ``up [out, r]`` and zero rows to ``down [r, n]`` up to ``rank``.
+
+    The product is unchanged. Writing every module at one rank (with ``alpha = rank``)
+    keeps loaders that derive one default alpha for the whole file exact: diffusers, for
+    one, ignores the per-module alphas of cross-attention K/V in kohya files.
+    """
+    extra = rank - up.shape[1]
+    if extra <= 0:
+        return up, down
+    up = torch.cat([up, up.new_zeros(up.shape[0], extra)], dim=1)
+    down = torch.cat([down, down.new_zeros(extra, down.shape[1])])
+    return up, down

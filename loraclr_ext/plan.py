@@ -19,7 +19,7 @@ from loraclr_ext.errors import (
     LoraFileError,
     OutputExistsError,
 )
-from loraclr_ext.lora_read import read_lora
+from loraclr_ext.lora_read import read_header, read_lora
 from loraclr_ext.options import ConceptSpec, MergeOptions
 from loraclr_ext.targets import ModuleRef
 
@@ -126,6 +126,7 @@ def precheck(
     for spec in specs:
         if not Path(spec.path).is_file():
             raise LoraFileError(f"LoRA file {spec.path} does not exist.")
+        read_header(Path(spec.path))  # pickles, corrupt and truncated files fail here, fast
     if output.suffix.lower() != ".safetensors":
         raise InvalidInputError(f"Output {output.name} must end in .safetensors.")
     if output.exists() and not options.overwrite:
