@@ -120,7 +120,8 @@ def _options(args: argparse.Namespace, output: str) -> MergeOptions:
 def _specs(args: argparse.Namespace) -> list[ConceptSpec]:
     if len(args.lora) != len(args.prompt):
         raise InvalidInputError(
-            f"{len(args.lora)} --lora but {len(args.prompt)} --prompt; give one prompt per LoRA, in order."
+            f"{len(args.lora)} --lora but {len(args.prompt)} --prompt; "
+            "give one prompt per LoRA, in order."
         )
     strengths = args.strength or [1.0]
     if len(strengths) == 1:
@@ -155,7 +156,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_result(result, report_path: Path | None) -> None:  # noqa: ANN001
+def _print_result(result, report_path: Path | None) -> None:
     print(f"wrote {result.path}  (use: {result.prompt_tag})")
     ranks = sorted({layer.rank for layer in result.layers})
     print(f"{len(result.layers)} modules, rank {ranks[0]}–{ranks[-1]}; time {result.seconds}")

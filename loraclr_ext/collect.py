@@ -90,7 +90,7 @@ def new_stats(
 def down_span(downs: list[torch.Tensor]) -> torch.Tensor:
     """Orthonormal rows ``[k, in]`` spanning every concept's down factor (k ≤ Σ r_i)."""
     stacked = torch.cat([d.double() for d in downs])  # [R, in]
-    u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
+    _, s, vh = torch.linalg.svd(stacked, full_matrices=False)
     keep = s > 1e-7 * float(s.max()) if s.numel() else s > 0
     return vh[keep].float()
 

@@ -12,7 +12,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from loraclr_ext.architecture import Architecture
 from loraclr_ext.progress import Progress
 
@@ -21,7 +20,7 @@ TEXT_WIDTH = 256
 """Text width of the demo model: wide enough for trigger-selective LoRAs (SD1.5: 768)."""
 
 
-def build_demo_loras(host, folder: Path) -> list[Path]:  # noqa: ANN001
+def build_demo_loras(host, folder: Path) -> list[Path]:
     """Fit one selective LoRA per demo concept on ``host`` and write it as a kohya file."""
     from loraclr_ext.concept_fit import FitSettings, fit_concept
     from loraclr_ext.lora_write import write_lora
@@ -71,9 +70,8 @@ def run_demo(workdir: Path | None, progress: Progress | None = None) -> dict:
         if hasattr(progress, "close"):
             progress.close()
         total = time.perf_counter() - started
-        print(
-            f"wrote {result.path.name} ({len(result.layers)} modules), use it as: {result.prompt_tag}"
-        )
+        modules = len(result.layers)
+        print(f"wrote {result.path.name} ({modules} modules), use it as: {result.prompt_tag}")
         print(f"demo took {total:.1f} s (merge stages: {result.seconds})\n")
         print(result.report.table())
         summary = {
@@ -86,12 +84,14 @@ def run_demo(workdir: Path | None, progress: Progress | None = None) -> dict:
         return summary
 
 
-def _explain(report) -> None:  # noqa: ANN001
+def _explain(report) -> None:
     ours, stacked = report.method("loraclr"), report.method("stacked")
+    pairs = ", ".join(
+        f"{label} {ours.mean(key):.3f} vs {stacked.mean(key):.3f}"
+        for label, key in (("text@trigger", "text_trigger"), ("UNet", "unet"), ("leak", "leak"))
+    )
     print(
-        "\nErrors are |merged − LoRA alone| / |LoRA alone − base| on held-out prompts (0 = perfect);"
-        "\nleak = share of the other LoRAs' effect bleeding into a concept's prompts (stacking ≈ 1)."
-        f"\nLoRACLR vs stacking: text@trigger {ours.mean('text_trigger'):.3f} vs "
-        f"{stacked.mean('text_trigger'):.3f}, UNet {ours.mean('unet'):.3f} vs {stacked.mean('unet'):.3f}, "
-        f"leak {ours.mean('leak'):.3f} vs {stacked.mean('leak'):.3f}."
+        "\nErrors are |merged − LoRA alone| / |LoRA alone − base| on held-out prompts "
+        "(0 = perfect);\nleak = share of the other LoRAs' effect bleeding into a concept's "
+        f"prompts (stacking ≈ 1).\nLoRACLR vs stacking: {pairs}."
     )

@@ -7,6 +7,7 @@ through an atomic rename; on any error or interrupt nothing is left behind.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -228,8 +229,5 @@ def _write(
 
 def _durations(clock: dict[str, float]) -> dict[str, float]:
     order = ["start", "collect", "solve", "report", "write"]
-    return {
-        b: round(clock[b] - clock[a], 3)
-        for a, b in zip(order, order[1:])
-        if a in clock and b in clock
-    }
+    pairs = itertools.pairwise(order)
+    return {b: round(clock[b] - clock[a], 3) for a, b in pairs if a in clock and b in clock}

@@ -55,7 +55,7 @@ def applied(
             if module is None or delta.rank == 0:
                 continue
 
-            def hook(mod, args, output, delta=delta):  # noqa: ANN001, ANN202
+            def hook(mod, args, output, delta=delta):
                 return output + delta_output(mod, delta, args[0])
 
             handles.append(module.register_forward_hook(hook))
@@ -85,7 +85,7 @@ def recording(
         for ref, module in modules.items():
             geometry = ConvGeometry.of(module) if is_conv(module) else None
 
-            def hook(mod, args, output, ref=ref, geometry=geometry):  # noqa: ANN001, ANN202
+            def hook(mod, args, output, ref=ref, geometry=geometry):
                 x = args[0].detach()
                 weights = token_weights()
                 use = weights is not None and geometry is None and x.ndim == 3

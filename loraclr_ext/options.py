@@ -29,7 +29,7 @@ NEUTRAL_PROMPTS = ("a photo of a landscape", "a bowl of fruit on a table", "a ci
 """Prompts without any concept, for base preservation."""
 
 
-def _opt(default: Any, help: str, **bounds: Any) -> Any:  # noqa: A002
+def _opt(default: Any, help: str, **bounds: Any) -> Any:
     return field(default=default, metadata={"help": help, **bounds})
 
 

@@ -83,13 +83,16 @@ class QualityReport:
 
     def table(self) -> str:
         """A plain-text table: one row per method and concept, then the means."""
-        head = f"{'method':<14} {'concept':<18} {'text@trigger':>12} {'text@all':>9} {'unet':>7} {'leak':>7}"
+        head = (
+            f"{'method':<14} {'concept':<18} {'text@trigger':>12} {'text@all':>9} "
+            f"{'unet':>7} {'leak':>7}"
+        )
         lines = [head, "-" * len(head)]
         for m in self.methods:
             for c in m.concepts:
                 lines.append(
-                    f"{m.method:<14} {c.concept[:18]:<18} {c.text_trigger:>12.3f} {c.text_all:>9.3f} "
-                    f"{c.unet:>7.3f} {c.leak:>7.3f}"
+                    f"{m.method:<14} {c.concept[:18]:<18} {c.text_trigger:>12.3f} "
+                    f"{c.text_all:>9.3f} {c.unet:>7.3f} {c.leak:>7.3f}"
                 )
         lines.append("")
         lines.append(
