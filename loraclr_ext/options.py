@@ -62,7 +62,12 @@ class MergeOptions:
     repel: float = _opt(
         1.0, "Weight μ of the contrastive repel term (0 = least squares + regulariser)", minimum=0.0
     )
-    reg: float = _opt(1e-3, "Weight λ of ‖Δ‖ (keeps the change small)", minimum=0.0)
+    reg: float = _opt(
+        1e-3,
+        "Weight λ of the pull towards the stacked LoRAs (a relative ridge): where the recorded "
+        "features say nothing, the merge keeps the LoRAs' own behaviour",
+        minimum=0.0,
+    )
     preserve: float = _opt(
         0.1, "Weight of base preservation on neutral prompts (mean squared change)", minimum=0.0
     )

@@ -1,0 +1,205 @@
+"""End-to-end benchmark at real SD1.5 shapes: ``python -m bench.pipeline [options]``.
+
+Builds a random-weight SD1.5 UNet (859.5 M parameters) and CLIP-L text encoder from the
+configs the package ships (no download), writes N random rank-r concept LoRAs on every
+text-encoder and UNet-attention module (72 + 192, as kohya trains them), and runs the
+whole merge: read files, record features through hooks, solve every layer, write the
+kohya file. Prints the device, shapes, stage times, peak memory beyond the loaded model,
+and the feature memory the released code's approach (keeping every feature) would need
+against the statistics this pipeline keeps. Weights are random, so quality numbers mean
+nothing here; ``python -m loraclr_ext demo`` measures quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.measure import measure, print_table
+from loraclr_ext.architecture import Architecture
+from loraclr_ext.deltas import ModuleDelta
+from loraclr_ext.naming import module_specs
+
+CONFIGS = Path(__file__).resolve().parents[1] / "loraclr_ext" / "hosts" / "configs" / "sd1"
+
+
+def build_sd15(device: torch.device):
+    """A random-weight SD1.5 pipeline (real UNet and CLIP-L shapes, tiny VAE and tokenizer)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from loraclr_ext.hosts.tiny import _tiny_vae, build_tiny_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(
+        json.loads((CONFIGS / "unet" / "config.json").read_text())
+    )
+    text = CLIPTextModel(CLIPTextConfig.from_json_file(CONFIGS / "text_encoder" / "config.json"))
+    scheduler = DDIMScheduler.from_config(
+        json.loads((CONFIGS / "scheduler" / "scheduler_config.json").read_text())
+    )
+    pipe = StableDiffusionPipeline(
+        vae=_tiny_vae(),
+        text_encoder=text,
+        tokenizer=build_tiny_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def write_random_loras(folder: Path, count: int, rank: int) -> list[Path]:
+    """``count`` kohya LoRAs of rank ``rank`` on SD1's text and transformer modules."""
+    from loraclr_ext.lora_write import write_lora
+
+    specs = [s for s in module_specs(Architecture.SD1) if s.group in ("text", "transformer")]
+    paths = []
+    for i in range(count):
+        g = torch.Generator().manual_seed(i)
+        factors = {}
+        for spec in specs:
+            up = torch.randn(spec.out_features, rank, generator=g) * 0.02
+            down = torch.randn(rank, spec.flat_in, generator=g) / spec.flat_in**0.5
+            factors[spec.ref] = ModuleDelta(up, down, spec.kernel)
+        path = folder / f"concept{i}.safetensors"
+        write_lora(path, factors, Architecture.SD1, triggers=[f"tok{i}"])
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--concepts", type=int, default=12)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=None, help="default: 12 on a GPU, 4 on a CPU")
+    parser.add_argument(
+        "--size", type=int, default=None, help="default: 512 on a GPU, 256 on a CPU"
+    )
+    parser.add_argument(
+        "--dtype", default=None, choices=["fp16", "fp32"], help="default: fp16 on a GPU"
+    )
+    args = parser.parse_args()
+
+    from loraclr_ext.cli import TqdmProgress, _quiet_libraries
+    from loraclr_ext.engine import run_merge
+    from loraclr_ext.hosts.standalone import StandaloneHost
+    from loraclr_ext.options import ConceptSpec, MergeOptions
+    from loraclr_ext.plan import plan_merge
+
+    _quiet_libraries()
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    steps = args.steps or (12 if cuda else 4)
+    size = args.size or (512 if cuda else 256)
+    dtype = (
+        torch.float16 if (args.dtype or ("fp16" if cuda else "fp32")) == "fp16" else torch.float32
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        t0 = time.perf_counter()
+        loras = write_random_loras(folder, args.concepts, args.rank)
+        pipe = build_sd15(device).to(dtype=dtype)
+        host = StandaloneHost.from_pipeline(pipe, device, architecture=Architecture.SD1)
+        setup = time.perf_counter() - t0
+        specs = [ConceptSpec(p, f"tok{i} person") for i, p in enumerate(loras)]
+        options = MergeOptions(steps=steps, size=size, quality=False)
+
+        def merge():
+            plan = plan_merge(specs, options, Architecture.SD1, folder / "merged.safetensors")
+            return run_merge(plan, host, TqdmProgress())
+
+        measured = measure(merge, device)
+        result = measured.result
+
+    unet_params = sum(p.numel() for p in pipe.unet.parameters())
+    print(
+        f"device: {device} ({torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} CPU threads'}), {dtype}"
+    )
+    print(
+        f"model: SD1.5 UNet {unet_params / 1e6:.1f} M params + CLIP-L, random weights (built in {setup:.0f} s)"
+    )
+    print(
+        f"concepts: {args.concepts} LoRAs × rank {args.rank} on 72 text + 192 UNet attention modules"
+    )
+    print(f"recording run: {steps} steps at {size}px, batch 2, per concept\n")
+    rows = [
+        [
+            f"{args.concepts}",
+            f"{result.seconds.get('collect', 0):.1f}",
+            f"{result.seconds.get('solve', 0):.1f}",
+            f"{result.seconds.get('write', 0):.1f}",
+            f"{measured.seconds:.1f}",
+            f"{measured.peak_mib:.0f}",
+            f"{max(layer.rank for layer in result.layers)}",
+        ]
+    ]
+    print_table(
+        [
+            "concepts",
+            "collect s",
+            "solve s",
+            "write s",
+            "total s",
+            "peak MiB beyond model",
+            "max rank",
+        ],
+        rows,
+    )
+    print(
+        f"\nfeature memory if every feature were kept (released code's approach): {_kept_features_mib(result, args.concepts, steps, size):.0f} MiB"
+    )
+
+
+def _kept_features_mib(result, concepts: int, steps: int, size: int) -> float:
+    """What holding every recorded input row would cost (fp16), from the row counts."""
+    from loraclr_ext.naming import module_spec
+
+    total = 0
+    for layer in result.layers:
+        component, path = layer.ref.split(":", 1)
+        from loraclr_ext.targets import ModuleRef
+
+        spec = module_spec(ModuleRef(component, path), Architecture.SD1)
+        if spec is None:
+            continue
+        if component != "unet" or path.endswith(("attn2.to_k", "attn2.to_v")):
+            rows = 5 * 77
+        else:
+            rows = 2 * steps * _tokens(path, size)
+        total += rows * spec.flat_in * 2 * concepts
+    return total / 2**20
+
+
+def _tokens(path: str, size: int) -> int:
+    """Spatial tokens of a UNet transformer block at ``size`` px (latent size/8)."""
+    side = size // 8
+    level = {
+        "down_blocks.0": 0,
+        "down_blocks.1": 1,
+        "down_blocks.2": 2,
+        "mid_block": 3,
+        "up_blocks.1": 2,
+        "up_blocks.2": 1,
+        "up_blocks.3": 0,
+    }
+    for prefix, down in level.items():
+        if path.startswith(prefix):
+            return (side >> down) ** 2
+    return side**2
+
+
+if __name__ == "__main__":
+    main()
