@@ -232,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return command(args)
     except LoraClrError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(exc).splitlines())
+        print(f"error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written.", file=sys.stderr)

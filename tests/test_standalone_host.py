@@ -467,3 +467,14 @@ def test_clean_weights_guards_the_model(sd1: StandaloneHost) -> None:
     # An error inside the context is not masked when the weights are intact.
     with pytest.raises(KeyError), sd1.clean_weights():
         raise KeyError("boom")
+
+
+def test_fingerprint_of_a_tensor_larger_than_float32_indices() -> None:
+    # SD1.5's largest UNet weights have ~29.5 M elements; float32 index arithmetic broke there.
+    from loraclr_ext.hosts.standalone import _tensor_stats
+
+    big = torch.zeros(2**24 + 3, dtype=torch.float16)
+    big[-1] = 7.0
+    stats = _tensor_stats(big)
+    assert stats[-1] == 7.0  # the last sample is the last element
+    assert stats[1] == 7.0  # absolute sum

@@ -115,7 +115,8 @@ def _tensor_stats(t: torch.Tensor) -> torch.Tensor:
     """Sum, absolute sum and 16 evenly spaced elements of ``t``, as fp64 ``[18]``."""
     flat = t.detach().reshape(-1)
     wide = flat.to(torch.float64)
-    idx = torch.linspace(0, max(flat.numel() - 1, 0), 16, device=flat.device).long()
+    # Integer arithmetic: a float32 linspace rounds indices past 2**24 out of range.
+    idx = torch.arange(16, device=flat.device) * max(flat.numel() - 1, 0) // 15
     samples = wide[idx] if flat.numel() else torch.zeros(16, dtype=torch.float64)
     return torch.cat([torch.stack([wide.sum(), wide.abs().sum()]), samples.to(wide.device)])
 
