@@ -1,0 +1,1 @@
+"""Stand-ins for AUTOMATIC1111's ``modules`` package (tests only)."""

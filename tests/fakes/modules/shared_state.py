@@ -1,0 +1,28 @@
+"""``modules.shared_state.State`` (the fields and methods the dossier lists)."""
+
+from __future__ import annotations
+
+
+class State:
+    def __init__(self) -> None:
+        self.job = ""
+        self.job_no = 0
+        self.job_count = 0
+        self.sampling_step = 0
+        self.sampling_steps = 0
+        self.textinfo = None
+        self.interrupted = False
+        self.skipped = False
+        self.begun = 0
+
+    def begin(self, job: str = "(unknown)") -> None:
+        self.job, self.job_no, self.job_count = job, 0, -1
+        self.sampling_step, self.sampling_steps, self.textinfo = 0, 0, None
+        self.interrupted = self.skipped = False
+        self.begun += 1
+
+    def end(self) -> None:
+        self.job, self.job_count = "", 0
+
+    def interrupt(self) -> None:
+        self.interrupted = True
