@@ -1,0 +1,226 @@
+"""The tab with real gradio 3.41.2: it builds, its handlers merge through the WebUI
+stand-ins, and every bad input gives its message and leaves files and weights alone."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from html import unescape
+from pathlib import Path
+
+import pytest
+from conftest import FAST, fingerprint, snapshot
+
+from loraclr_ext.webui.fields import option_fields
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tab(ctx):
+    from loraclr_ext.webui.ui import create_tab
+
+    return create_tab(ctx)
+
+
+def values(**overrides):
+    """Widget values in field order: defaults, FAST, then ``overrides``."""
+    from loraclr_ext.webui.service import option_default
+
+    merged = {f.name: option_default(f.name) for f in option_fields()}
+    merged.update(rank=0, **FAST)
+    merged.update(overrides)
+    return [merged[f.name] for f in option_fields()]
+
+
+ROWS = [["sks_dog", "sks dog", 1.0], ["zwx_cat", "zwx cat", 1.0]]
+
+
+def run(ctx, rows, **overrides):
+    """Call the merge the way the Merge button does (through wrap_gradio_gpu_call)."""
+    _, h = tab(ctx)
+    wrapped = ctx.call_queue.wrap_gradio_gpu_call(h.merge, extra_outputs=[""])
+    return wrapped("task(test)", rows, *values(**overrides))
+
+
+def test_script_registers_tab_settings_and_routes(webui):
+    import gradio as gr
+    from fastapi import FastAPI
+    from modules import script_callbacks, shared
+
+    for callbacks in script_callbacks.callbacks.values():
+        callbacks.clear()
+    spec = importlib.util.spec_from_file_location(
+        "loraclr_merge.py", ROOT / "scripts" / "loraclr_merge.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module._context = webui["ctx"]
+    (settings,) = script_callbacks.callbacks["ui_settings"]
+    settings()
+    assert shared.opts.data_labels["loraclr_default_steps"].section == ("loraclr", "LoRACLR Merge")
+    assert shared.opts.loraclr_default_precision == "fp16"
+    (ui_tabs,) = script_callbacks.callbacks["ui_tabs"]
+    [(blocks, title, elem_id)] = ui_tabs()
+    assert isinstance(blocks, gr.Blocks)
+    assert (title, elem_id) == ("LoRACLR Merge", "loraclr_merge")
+    app = FastAPI()
+    (started,) = script_callbacks.callbacks["app_started"]
+    started(None, app)
+    paths = {r.path for r in app.routes}
+    assert {"/loraclr/v1/version", "/loraclr/v1/loras", "/loraclr/v1/merge"} <= paths
+    assert len((ROOT / "scripts" / "loraclr_merge.py").read_text().splitlines()) <= 250
+
+
+def test_tab_builds_with_ids_widgets_and_list(webui):
+    blocks, h = tab(webui["ctx"])
+    ids = {c.get("props", {}).get("elem_id") for c in blocks.config["components"]}
+    for name in (
+        "search",
+        "refresh",
+        "list",
+        "select",
+        "concepts",
+        "merge",
+        "interrupt",
+        "result",
+        "prompt_tag",
+        "send_txt2img",
+        "task_id",
+    ):
+        assert f"loraclr_{name}" in ids
+    assert {f"loraclr_opt_{f.name}" for f in option_fields()} <= ids
+    # Every LoRA is listed (recursively); incompatible and corrupt ones with a reason and
+    # not offered for selection.
+    html = h.list_html()
+    for name in ("sks_dog", "people/zwx_cat", "qpr_castle", "xl_style", "broken"):
+        assert name in html
+    assert "SDXL LoRA but the base model is SD 1.x" in html
+    assert html.count("loraclr-incompatible") == 2
+    assert sorted(h.choices()) == ["qpr_castle", "sks_dog", "zwx_cat"]
+    assert "zwx_cat" in h.list_html("zwx") and "sks_dog" not in h.list_html("zwx")
+
+
+def test_select_prefills_triggers_and_keeps_edits(webui):
+    _, h = tab(webui["ctx"])
+    rows = h.select(["sks_dog"], [])
+    assert rows == [["sks_dog", "sks dog", 1.0]]
+    rows[0][1] = "sks dog, edited"
+    rows = h.select(["sks_dog", "zwx_cat"], rows)
+    assert rows == [["sks_dog", "sks dog, edited", 1.0], ["zwx_cat", "zwx cat", 1.0]]
+
+
+def test_refresh_rescans_host_list(webui):
+    _, h = tab(webui["ctx"])
+    (webui["dir"] / "sks_dog.safetensors").rename(webui["dir"] / "renamed.safetensors")
+    html, update = h.refresh("")
+    assert webui["networks"].refresh_calls == 1
+    assert "renamed" in html and "renamed" in update["choices"]
+
+
+def test_merge_writes_file_sidecar_report_and_refreshes(webui):
+    before = fingerprint(webui["model"])
+    tag, html = run(webui["ctx"], ROWS, output="duo", quality=True)
+    out = webui["dir"] / "duo.safetensors"
+    assert out.is_file() and (webui["dir"] / "duo.json").is_file()
+    sidecar = json.loads((webui["dir"] / "duo.json").read_text())
+    assert sidecar["sd version"] == "SD1" and "sks dog" in sidecar["activation text"]
+    assert tag == "<lora:duo:1>, sks dog, zwx cat"
+    assert "duo.safetensors" in html and "loraclr-report" in html and "loraclr-bar" in html
+    assert webui["networks"].refresh_calls == 1
+    assert webui["shared"].state.begun == 1  # ran as a WebUI job under the queue lock
+    assert webui["model"].apply_calls > 0
+    assert fingerprint(webui["model"]) == before
+
+
+BAD = [
+    ("one LoRA", ROWS[:1], {}, "Select at least two LoRAs"),
+    ("incompatible", [ROWS[0], ["xl_style", "xl", 1.0]], {}, "SDXL LoRA"),
+    ("corrupt", [ROWS[0], ["broken", "b", 1.0]], {}, "broken.safetensors"),
+    ("unknown", [ROWS[0], ["nope", "n", 1.0]], {}, "No LoRA named 'nope'"),
+    ("empty prompt", [ROWS[0], ["zwx_cat", "  ", 1.0]], {}, "is empty"),
+    ("duplicate prompt", [ROWS[0], ["zwx_cat", "SKS dog", 1.0]], {}, "same concept prompt"),
+    ("bad name", ROWS, {"output": "a/b"}, "path separator"),
+    ("existing", ROWS, {"output": "sks_dog"}, "already exists"),
+    ("bad steps", ROWS, {"steps": 0}, "steps must be ≥ 1"),
+]
+
+
+@pytest.mark.parametrize(("case", "rows", "opts", "expected"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_message_and_nothing_written(webui, case, rows, opts, expected):
+    files, before = snapshot(webui["dir"]), fingerprint(webui["model"])
+    tag, html = run(webui["ctx"], rows, **opts)
+    html = unescape(html)
+    assert tag == ""
+    assert "loraclr-error" in html and expected in html, html
+    assert snapshot(webui["dir"]) == files
+    assert fingerprint(webui["model"]) == before
+    assert webui["model"].apply_calls == 0
+
+
+def test_no_checkpoint_loaded(webui):
+    from modules import sd_models
+
+    sd_models.model_data.sd_model = None
+    files = snapshot(webui["dir"])
+    _, html = run(webui["ctx"], ROWS)
+    assert "No checkpoint is loaded" in html
+    assert snapshot(webui["dir"]) == files
+
+
+def test_sd2_and_sdxl_refused_clearly(webui):
+    webui["model"].is_sdxl = True
+    _, html = run(webui["ctx"], ROWS)
+    assert "supports SD 1.x checkpoints for now" in html
+
+
+def test_out_of_memory_says_what_to_lower(webui, monkeypatch):
+    import torch
+
+    import loraclr_ext.engine
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(loraclr_ext.engine, "run_merge", oom)
+    files = snapshot(webui["dir"])
+    _, html = run(webui["ctx"], ROWS)
+    assert "Out of GPU memory" in html and "Lower the image size" in html
+    assert snapshot(webui["dir"]) == files
+
+
+def test_interrupt_stops_writes_nothing_restores_host_loras(webui):
+    """Interrupt mid-merge while the Lora extension has a LoRA merged into a weight: no
+    file, and the model (LoRA-merged weight included) is exactly as before."""
+    import torch
+
+    model, networks = webui["model"], webui["networks"]
+    layer = model.model.diffusion_model.get_submodule(
+        "input_blocks.1.1.transformer_blocks.0.attn2.to_k"
+    )
+    layer.network_weights_backup = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(0.25)
+    layer.network_current_names = (("other", 1.0, 1.0, None),)
+    networks.loaded_networks.append("other")
+    before, files = fingerprint(model), snapshot(webui["dir"])
+    apply_model, state = model.apply_model, webui["shared"].state
+
+    def press_interrupt(*args, **kwargs):
+        # The clean base weight is in place while the merge runs.
+        assert torch.equal(layer.weight, layer.network_weights_backup)
+        state.interrupt()
+        return apply_model(*args, **kwargs)
+
+    model.apply_model = press_interrupt
+    _, html = run(webui["ctx"], ROWS)
+    assert "interrupted" in html.lower()
+    assert snapshot(webui["dir"]) == files
+    assert fingerprint(model) == before
+    assert layer.network_current_names == (("other", 1.0, 1.0, None),)
+    assert networks.loaded_networks == ["other"]
+
+
+def test_interrupt_button_sets_state(webui):
+    _, h = tab(webui["ctx"])
+    h.interrupt()
+    assert webui["shared"].state.interrupted
