@@ -203,15 +203,15 @@ def test_interrupt_stops_writes_nothing_restores_host_loras(webui):
     layer.network_current_names = (("other", 1.0, 1.0, None),)
     networks.loaded_networks.append("other")
     before, files = fingerprint(model), snapshot(webui["dir"])
-    apply_model, state = model.apply_model, webui["shared"].state
+    encode, state = model.get_learned_conditioning, webui["shared"].state
 
     def press_interrupt(*args, **kwargs):
         # The clean base weight is in place while the merge runs.
         assert torch.equal(layer.weight, layer.network_weights_backup)
         state.interrupt()
-        return apply_model(*args, **kwargs)
+        return encode(*args, **kwargs)
 
-    model.apply_model = press_interrupt
+    model.get_learned_conditioning = press_interrupt
     _, html = run(webui["ctx"], ROWS)
     assert "interrupted" in html.lower()
     assert snapshot(webui["dir"]) == files
