@@ -23,9 +23,6 @@ if HAVE_GRADIO:
         if str(folder) not in sys.path:
             sys.path.insert(0, str(folder))
 
-FAST = {"steps": 1, "size": 64, "iterations": 0, "quality": False}
-"""Merge options that keep a tiny CPU merge to a few seconds."""
-
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "webui: WebUI tab/API tests (need gradio 3.41.2)")
@@ -86,16 +83,3 @@ def webui(tiny, tmp_path):
     ctx.check_shapes = False  # tiny model: real SD1 sizes do not apply
     yield {"ctx": ctx, "dir": lora_dir, "model": model, "shared": shared, "networks": networks}
     sd_models.model_data.sd_model = None
-
-
-def snapshot(folder: Path) -> set[str]:
-    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
-
-
-def fingerprint(model) -> tuple[str, str]:
-    from loraclr_ext.hosts.standalone import weights_fingerprint
-
-    return (
-        weights_fingerprint(model.model.diffusion_model),
-        weights_fingerprint(model.cond_stage_model.wrapped.transformer),
-    )

@@ -53,3 +53,20 @@ def sdxl_lora(path: Path) -> Path:
         sidecar=False,
         check_shapes=False,
     )
+
+
+FAST = {"steps": 1, "size": 64, "iterations": 0, "quality": False}
+"""Merge options that keep a tiny CPU merge to a few seconds."""
+
+
+def snapshot(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
+
+
+def fingerprint(model) -> tuple[str, str]:
+    from loraclr_ext.hosts.standalone import weights_fingerprint
+
+    return (
+        weights_fingerprint(model.model.diffusion_model),
+        weights_fingerprint(model.cond_stage_model.wrapped.transformer),
+    )

@@ -4,7 +4,7 @@ same validation and messages as the tab, 4xx on bad input, --api-auth honoured."
 from __future__ import annotations
 
 import pytest
-from conftest import FAST, fingerprint, snapshot
+from fixtures import FAST, fingerprint, snapshot
 
 
 @pytest.fixture

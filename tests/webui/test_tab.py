@@ -9,7 +9,7 @@ from html import unescape
 from pathlib import Path
 
 import pytest
-from conftest import FAST, fingerprint, snapshot
+from fixtures import FAST, fingerprint, snapshot
 
 from loraclr_ext.webui.fields import option_fields
 
