@@ -158,8 +158,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def _print_result(result, report_path: Path | None) -> None:
     print(f"wrote {result.path}  (use: {result.prompt_tag})")
-    ranks = sorted({layer.rank for layer in result.layers})
-    print(f"{len(result.layers)} modules, rank {ranks[0]}–{ranks[-1]}; time {result.seconds}")
+    print(f"{result.rank_summary()}; seconds {result.seconds}")
+    for name, count in result.unmatched.items():
+        print(f"note: {name}: {count} key(s) matched no module of the model and were not merged")
+    if result.skipped:
+        print(
+            f"note: {len(result.skipped)} module(s) are not in the loaded model: {result.skipped[:3]}"
+        )
     if result.report is not None:
         print()
         print(result.report.table())

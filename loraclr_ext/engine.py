@@ -55,6 +55,21 @@ class MergeResult:
     seconds: dict[str, float]
     report: QualityReport | None = None
     skipped: list[str] = field(default_factory=list)
+    unmatched: dict[str, int] = field(default_factory=dict)
+
+    def rank_summary(self) -> str:
+        """Ranks written, and what a target rank kept (worst layer), in one line."""
+        ranks = [layer.rank for layer in self.layers]
+        text = f"{len(self.layers)} modules, rank {min(ranks)}–{max(ranks)}"
+        cut = [layer for layer in self.layers if layer.rank < layer.exact_rank]
+        if cut:
+            energy = min(layer.energy_kept for layer in cut)
+            output = min(layer.output_kept for layer in cut)
+            text += (
+                f"; {len(cut)} layers reduced: worst layer kept {energy:.1%} of the delta's "
+                f"energy and {output:.1%} of its output"
+            )
+        return text
 
     @property
     def prompt_tag(self) -> str:
@@ -95,6 +110,9 @@ def run_merge(
         seconds=_durations(clock),
         report=report,
         skipped=skipped,
+        unmatched={
+            c.lora.path.name: len(c.lora.unmatched) for c in plan.concepts if c.lora.unmatched
+        },
     )
 
 

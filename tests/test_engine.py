@@ -195,3 +195,72 @@ def test_collection_memory_does_not_grow_with_steps_or_prompts(sd1_demo, tmp_pat
     assert size_small == size_steps == size_prompts  # the statistics themselves: exactly equal
     assert peak_steps <= peak_small * 1.25 + 8
     assert peak_prompts <= peak_small * 1.25 + 8
+
+
+def _locon_lora(host, path, seed):
+    """A LoCon: 3×3 conv deltas on the UNet's resnets plus one text module."""
+    from loraclr_ext.deltas import ModuleDelta
+    from loraclr_ext.lora_write import write_lora
+    from loraclr_ext.naming import module_specs
+
+    g = torch.Generator().manual_seed(seed)
+    specs = [s for s in module_specs(Architecture.SD1) if s.group == "locon" and s.kernel == (3, 3)]
+    specs += [s for s in module_specs(Architecture.SD1) if s.group == "text"][:1]
+    found = host.modules([s.ref for s in specs])
+    factors = {}
+    for spec in specs:
+        if spec.ref not in found:
+            continue
+        out, fan_in = host.base_weight(spec.ref).shape
+        up = torch.randn(out, 2, generator=g) * 0.05
+        factors[spec.ref] = ModuleDelta(
+            up, torch.randn(2, fan_in, generator=g) / fan_in**0.5, spec.kernel
+        )
+    write_lora(path, factors, Architecture.SD1, triggers=[f"t{seed}"], check_shapes=False)
+    return path, len(factors)
+
+
+def test_locon_conv_layers_merge_exactly_and_are_written_as_conv_factors(sd1_demo, tmp_path):
+    from safetensors import safe_open
+
+    host = sd1_demo["host"]
+    (a, count), (b, _) = (
+        _locon_lora(host, tmp_path / "a.safetensors", 1),
+        _locon_lora(host, tmp_path / "b.safetensors", 2),
+    )
+    assert count > 4
+    one = plan_merge(
+        [ConceptSpec(a, "sks dog")],
+        MergeOptions(quality=False, preserve=0.0, **FAST),
+        Architecture.SD1,
+        tmp_path / "one.safetensors",
+        check_shapes=False,
+        min_concepts=1,
+    )
+    result = run_merge(one, host, write=False)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    prompts = ["a painting of sks dog", "sks dog at night"]
+    modules = host.modules(one.refs)
+    base = _run(host, modules, {}, prompts, latents)
+    own = _run(host, modules, one.concepts[0].deltas, prompts, latents)
+    mine = _run(host, modules, result.factors, prompts, latents)
+    assert float((mine.eps - own.eps).norm() / (own.eps - base.eps).norm()) < 1e-3
+
+    out = tmp_path / "two.safetensors"
+    two = plan_merge(
+        [ConceptSpec(a, "sks dog"), ConceptSpec(b, "zwx cat")],
+        MergeOptions(quality=False, **FAST),
+        Architecture.SD1,
+        out,
+        check_shapes=False,
+    )
+    written = run_merge(two, host)
+    with safe_open(str(out), "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    conv = [k for k in shapes if "resnets" in k and k.endswith("lora_down.weight")]
+    assert conv
+    for key in conv:
+        rank, _, kh, kw = shapes[key]
+        assert (kh, kw) == (3, 3)
+        assert shapes[key.replace("lora_down", "lora_up")][2:] == [1, 1]
+    assert written.rank_summary().startswith(f"{count} modules")
