@@ -162,9 +162,8 @@ def _print_result(result, report_path: Path | None) -> None:
     for name, count in result.unmatched.items():
         print(f"note: {name}: {count} key(s) matched no module of the model and were not merged")
     if result.skipped:
-        print(
-            f"note: {len(result.skipped)} module(s) are not in the loaded model: {result.skipped[:3]}"
-        )
+        missing = len(result.skipped)
+        print(f"note: {missing} module(s) are not in the loaded model: {result.skipped[:3]}")
     if result.report is not None:
         print()
         print(result.report.table())

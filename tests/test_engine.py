@@ -256,11 +256,11 @@ def test_locon_conv_layers_merge_exactly_and_are_written_as_conv_factors(sd1_dem
     )
     written = run_merge(two, host)
     with safe_open(str(out), "pt") as f:
-        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
     conv = [k for k in shapes if "resnets" in k and k.endswith("lora_down.weight")]
     assert conv
     for key in conv:
-        rank, _, kh, kw = shapes[key]
+        _, _, kh, kw = shapes[key]
         assert (kh, kw) == (3, 3)
         assert shapes[key.replace("lora_down", "lora_up")][2:] == [1, 1]
     assert written.rank_summary().startswith(f"{count} modules")
