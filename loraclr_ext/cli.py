@@ -11,10 +11,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loraclr_ext import __version__
 from loraclr_ext.errors import InvalidInputError, LoraClrError
 from loraclr_ext.options import ConceptSpec, MergeOptions
+
+if TYPE_CHECKING:
+    from loraclr_ext.engine import MergeResult
 
 
 class TqdmProgress:
@@ -156,7 +160,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_result(result, report_path: Path | None) -> None:
+def _print_result(result: MergeResult, report_path: Path | None) -> None:
     print(f"wrote {result.path}  (use: {result.prompt_tag})")
     print(f"{result.rank_summary()}; seconds {result.seconds}")
     for name, count in result.unmatched.items():

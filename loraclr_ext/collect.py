@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraclr_ext.hooks import applied, recording
+from loraclr_ext.hooks import RowSink, applied, recording
 from loraclr_ext.hosts.base import Conditioning, Host
 from loraclr_ext.options import NEUTRAL_PROMPTS, TEMPLATES, MergeOptions
 from loraclr_ext.plan import Concept, MergePlan, is_cross_kv
@@ -124,6 +124,15 @@ def collect(
         _neutral_stage(host, text, kv, spatial, stats, options)
 
 
+def _sink(stats: Mapping[ModuleRef, LayerStats], concept: int) -> RowSink:
+    """Route recorded rows of every module to its layer's statistics, as ``concept``."""
+
+    def sink(ref: ModuleRef, rows: torch.Tensor, w: torch.Tensor | None) -> None:
+        stats[ref].add(concept, rows, w)
+
+    return sink
+
+
 def _text_stage(
     host: Host,
     concept: Concept,
@@ -138,11 +147,7 @@ def _text_stage(
     prompts = fit_prompts(concept.prompt)
     weights = token_roles(host, prompts, triggers).weights(options)
     text_deltas = {r: d for r, d in concept.deltas.items() if r.is_text}
-
-    def sink(ref: ModuleRef, rows: torch.Tensor, w: torch.Tensor | None) -> None:
-        stats[ref].add(index, rows, w)
-
-    with applied(modules, text_deltas), recording(text, sink, lambda: weights):
+    with applied(modules, text_deltas), recording(text, _sink(stats, index), lambda: weights):
         cond = host.encode(prompts)
     rows = cond.context.reshape(-1, cond.context.shape[-1])
     for ref in kv:
@@ -167,14 +172,11 @@ def _spatial_stage(
         pooled=None if cond.pooled is None else cond.pooled[:SPATIAL_PROMPTS],
     )
 
-    def sink(ref: ModuleRef, rows: torch.Tensor, w: torch.Tensor | None) -> None:
-        stats[ref].add(index, rows, w)
-
     def step(i: int, total: int) -> None:
         progress.advance()
         check_interrupt(progress)
 
-    with applied(modules, unet_deltas), recording(spatial, sink):
+    with applied(modules, unet_deltas), recording(spatial, _sink(stats, index)):
         host.sample(batch, steps=options.steps, size=options.size, seed=options.seed, callback=step)
 
 
@@ -187,9 +189,7 @@ def _neutral_stage(
     options: MergeOptions,
 ) -> None:
     prompts = list(NEUTRAL_PROMPTS)
-
-    def sink(ref: ModuleRef, rows: torch.Tensor, w: torch.Tensor | None) -> None:
-        stats[ref].add(NEUTRAL, rows, w)
+    sink = _sink(stats, NEUTRAL)
 
     with recording(text, sink):
         cond = host.encode(prompts)

@@ -13,14 +13,16 @@ import time
 from pathlib import Path
 
 from loraclr_ext.architecture import Architecture
+from loraclr_ext.hosts.base import Host
 from loraclr_ext.progress import Progress
+from loraclr_ext.quality import QualityReport
 
 CONCEPTS = (("sks dog", "sks"), ("zwx cat", "zwx"), ("qpr castle", "qpr"))
 TEXT_WIDTH = 256
 """Text width of the demo model: wide enough for trigger-selective LoRAs (SD1.5: 768)."""
 
 
-def build_demo_loras(host, folder: Path) -> list[Path]:
+def build_demo_loras(host: Host, folder: Path) -> list[Path]:
     """Fit one selective LoRA per demo concept on ``host`` and write it as a kohya file."""
     from loraclr_ext.concept_fit import FitSettings, fit_concept
     from loraclr_ext.lora_write import write_lora
@@ -84,7 +86,7 @@ def run_demo(workdir: Path | None, progress: Progress | None = None) -> dict:
         return summary
 
 
-def _explain(report) -> None:
+def _explain(report: QualityReport) -> None:
     ours, stacked = report.method("loraclr"), report.method("stacked")
     pairs = ", ".join(
         f"{label} {ours.mean(key):.3f} vs {stacked.mean(key):.3f}"
