@@ -51,15 +51,19 @@ class TokenSample:
         u = torch.rand(rows.shape[0], generator=gen, dtype=torch.float64).clamp_min(1e-300)
         w = torch.ones_like(u) if weights is None else weights.detach().double().cpu()
         keys = torch.where(w > 0, u.log() / w.clamp_min(1e-300), torch.full_like(u, -torch.inf))
-        keep = keys > -torch.inf
-        rows, keys = rows[keep.to(rows.device)], keys[keep]
+        old = 0 if self.keys is None else int(self.keys.numel())
+        all_keys = keys if self.keys is None else torch.cat([self.keys, keys])
+        # Choose by key first and gather only the winners: copying every offered row
+        # (thousands per UNet call) would cost more than the statistics themselves.
+        top = torch.topk(all_keys, min(self.capacity, all_keys.numel())).indices.sort().values
+        top = top[all_keys[top] > -torch.inf]
+        new = top[top >= old] - old
+        picked = rows[new.to(rows.device)]
         if self.rows is not None:
-            rows = torch.cat([self.rows, rows.to(self.rows.device)])
-            keys = torch.cat([self.keys, keys])
-        if keys.numel() > self.capacity:
-            top = torch.topk(keys, self.capacity).indices.sort().values
-            rows, keys = rows[top.to(rows.device)], keys[top]
-        self.rows, self.keys = rows, keys
+            picked = torch.cat(
+                [self.rows[top[top < old].to(self.rows.device)], picked.to(self.rows.device)]
+            )
+        self.rows, self.keys = picked, all_keys[top]
 
 
 class LayerStats:
@@ -131,6 +135,11 @@ class LayerStats:
         z = x if self.basis is None else x @ self.basis.T
         zw = z if w is None else z * w[:, None]
         gram = zw.T @ z
+        if not torch.isfinite(gram).all():  # any NaN/Inf row reaches this small product
+            raise SolverError(
+                "Feature rows contain NaN or Inf: the model produced non-finite activations. "
+                "Check the base model and LoRA files, or run the merge in fp32."
+            )
         if concept == NEUTRAL:
             self.neutral_gram = gram if self.neutral_gram is None else self.neutral_gram + gram
             self.neutral_weight += float(x.shape[0]) if w is None else float(w.sum())
@@ -152,13 +161,7 @@ class LayerStats:
                 f"Feature rows have shape {tuple(rows.shape)}; "
                 f"expected [tokens, {self.in_features}]."
             )
-        x = rows.detach().to(self.device, self.dtype)
-        if not torch.isfinite(x).all():
-            raise SolverError(
-                "Feature rows contain NaN or Inf: the model produced non-finite activations. "
-                "Check the base model and LoRA files, or run the merge in fp32."
-            )
-        return x
+        return rows.detach().to(self.device, self.dtype)
 
     def check_complete(self, layer: str = "layer") -> None:
         """Raise if any concept streamed no rows (its statistics would be empty)."""
