@@ -158,6 +158,11 @@ def main() -> None:
         ],
         rows,
     )
+    active = [layer for layer in result.layers if layer.repel_active]
+    iterations = sum(layer.iterations for layer in active)
+    print(
+        f"\nlayers: {len(result.layers)}; margin violated at the closed form in {len(active)}; L-BFGS iterations in all: {iterations}"
+    )
     print(
         f"\nfeature memory if every feature were kept (released code's approach): {_kept_features_mib(result, args.concepts, steps, size):.0f} MiB"
     )
