@@ -26,6 +26,7 @@ if HAVE_GRADIO:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "webui: WebUI tab/API tests (need gradio 3.41.2)")
+    config.addinivalue_line("markers", "browser: drives Debian chromium (needs playwright)")
 
 
 def pytest_collection_modifyitems(config, items):

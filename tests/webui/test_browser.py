@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import socket
-import warnings
 from pathlib import Path
 
 import pytest
@@ -33,10 +32,7 @@ CHROMIUM_ARGS = [
 ]
 MERGE_TIMEOUT_MS = 180_000  # the tiny merge with its report: ~15 s on 2 shared cores
 
-with warnings.catch_warnings():
-    # The marker is not registered in conftest.py; it only serves ``-m browser``.
-    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
-    BROWSER = pytest.mark.browser
+BROWSER = pytest.mark.browser
 
 pytestmark = [
     BROWSER,
@@ -54,44 +50,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def gradio_341_shims(monkeypatch) -> None:
-    """Make gradio 3.41.2 work with the venv's newer, unpinned starlette and httpx (A1111
-    1.10 pins the old ones): its page route calls ``TemplateResponse(name, context)``
-    (starlette 1.x wants the request first), and its queue posts each job to the server's
-    own ``/api/predict`` through an ``httpx.AsyncClient`` whose default 5 s timeout httpx
-    0.28 now applies, which fails any job longer than 5 s (a merge with the report)."""
-    import inspect
-
-    from gradio import queueing, routes
-
-    render = routes.templates.TemplateResponse
-    if next(iter(inspect.signature(render).parameters)) == "request":
-
-        def old_call(name, context, *args, **kwargs):
-            if isinstance(name, str):
-                return render(context["request"], name, context, *args, **kwargs)
-            return render(name, context, *args, **kwargs)
-
-        monkeypatch.setattr(routes.templates, "TemplateResponse", old_call)
-
-    start = queueing.Queue.start
-
-    async def start_without_timeout(self, *args, **kwargs):
-        await start(self, *args, **kwargs)
-        self.queue_client.timeout = None
-
-    monkeypatch.setattr(queueing.Queue, "start", start_without_timeout)
-
-
 @pytest.fixture
-def served(webui, monkeypatch):
+def served(webui):
     """The tab inside a gradio Blocks app (as A1111 renders it), queued like A1111, served
     on 127.0.0.1 by gradio's own uvicorn thread; closed at the end."""
     import gradio as gr
 
     from loraclr_ext.webui.ui import create_tab
-
-    gradio_341_shims(monkeypatch)
 
     tab, _ = create_tab(webui["ctx"])
     with (
