@@ -37,7 +37,8 @@ def lora_table(entries: list[LoraEntry], total: int) -> str:
         "<th>triggers</th><th>usable</th></tr>"
     )
     note = f"<p class='loraclr-count'>{len(entries)} of {total} LoRAs shown.</p>"
-    return f"{note}<table class='loraclr-list'>{head}{''.join(rows)}</table>"
+    table = f"<table class='loraclr-list'>{head}{''.join(rows)}</table>"
+    return f"{note}{_scroll(table)}"
 
 
 def message(text: str, *, error: bool = True) -> str:
@@ -71,8 +72,10 @@ def report_table(report: Any) -> str:
         cells = "".join(f"<td>{_bar(v, s)}</td>" for v, s in zip(vals, scales, strict=True))
         rows.append(f"<tr><td>{escape(method)}</td>{cells}</tr>")
     return (
-        f"<table class='loraclr-report'><tr><th>method</th>{head}</tr>{''.join(rows)}</table>"
-        "<p class='loraclr-note'>Errors relative to each LoRA alone on held-out prompts; "
+        _scroll(
+            f"<table class='loraclr-report'><tr><th>method</th>{head}</tr>{''.join(rows)}</table>"
+        )
+        + "<p class='loraclr-note'>Errors relative to each LoRA alone on held-out prompts; "
         "lower is better. Leak: share of the other LoRAs' effect bleeding into a concept "
         "(stacking ≈ 1).</p>"
     )
@@ -92,3 +95,8 @@ def result_panel(result: Any) -> str:
         parts.append(report_table(result.report))
     parts.append("</div>")
     return "".join(parts)
+
+
+def _scroll(table: str) -> str:
+    """Let a wide table scroll inside its column instead of being cut off at its edge."""
+    return f"<div style='overflow-x:auto;max-width:100%'>{table}</div>"
