@@ -71,12 +71,12 @@ def fit_prompts(prompt: str) -> list[str]:
 
 
 def new_stats(
-    plan: MergePlan, weights: Mapping[ModuleRef, torch.Tensor], device: torch.device
+    plan: MergePlan, shapes: Mapping[ModuleRef, tuple[int, int]], device: torch.device
 ) -> dict[ModuleRef, LayerStats]:
     """One accumulator per target layer; a concept that lacks the layer has rank 0 there."""
     stats = {}
     for ref in plan.refs:
-        fan_in = int(weights[ref].shape[1])
+        fan_in = shapes[ref][1]
         downs = [
             c.deltas[ref].down if ref in c.deltas else torch.zeros(0, fan_in) for c in plan.concepts
         ]

@@ -86,12 +86,12 @@ def run_merge(
     clock = {"start": time.perf_counter()}
     with torch.no_grad(), host.clean_weights():
         modules, skipped = _target_modules(plan, host)
-        weights = {ref: host.base_weight(ref) for ref in modules}
-        _check_shapes(plan, weights)
-        stats = new_stats(plan, weights, host.device)
+        shapes = {ref: flat_shape(module) for ref, module in modules.items()}
+        _check_shapes(plan, shapes)
+        stats = new_stats(plan, shapes, host.device)
         collect(plan, host, modules, stats, progress)
         clock["collect"] = time.perf_counter()
-        factors, layers, least_squares = _solve(plan, stats, weights, progress)
+        factors, layers, least_squares = _solve(plan, stats, host, progress)
         clock["solve"] = time.perf_counter()
         report = None
         if plan.options.quality:
@@ -130,16 +130,22 @@ def _target_modules(
     return found, missing
 
 
-def _check_shapes(plan: MergePlan, weights: Mapping[ModuleRef, torch.Tensor]) -> None:
+def flat_shape(module: torch.nn.Module) -> tuple[int, int]:
+    """``(out, in·kh·kw)`` of a module's weight, without copying it."""
+    weight = module.weight
+    return int(weight.shape[0]), int(weight[0].numel())
+
+
+def _check_shapes(plan: MergePlan, shapes: Mapping[ModuleRef, tuple[int, int]]) -> None:
     for concept in plan.concepts:
         for ref, delta in concept.deltas.items():
-            if ref not in weights:
+            if ref not in shapes:
                 continue
             shape = (delta.out_features, delta.in_features)
-            if tuple(weights[ref].shape) != shape:
+            if shapes[ref] != shape:
                 raise InvalidInputError(
                     f"{concept.lora.path.name}: module {ref} has shape {shape} in the LoRA but "
-                    f"{tuple(weights[ref].shape)} in the loaded model; the LoRA was trained for "
+                    f"{shapes[ref]} in the loaded model; the LoRA was trained for "
                     "another model size."
                 )
 
@@ -147,7 +153,7 @@ def _check_shapes(plan: MergePlan, weights: Mapping[ModuleRef, torch.Tensor]) ->
 def _solve(
     plan: MergePlan,
     stats: Mapping[ModuleRef, LayerStats],
-    weights: Mapping[ModuleRef, torch.Tensor],
+    host: Host,
     progress: Progress,
 ) -> tuple[dict[ModuleRef, ModuleDelta], list[LayerSummary], dict[ModuleRef, ModuleDelta]]:
     """Solve every layer; also the least-squares baseline when a report is wanted."""
@@ -157,8 +163,9 @@ def _solve(
     factors, least_squares, layers = {}, {}, []
     for ref, layer_stats in stats.items():
         check_interrupt(progress)
-        ups = [_up(c.deltas.get(ref), weights[ref].shape[0]) for c in plan.concepts]
-        base = weights[ref].to(layer_stats.device)
+        # One base weight at a time: copies of them all would cost GBs (SD1.5: ~2.4 GB fp32).
+        base = host.base_weight(ref).to(layer_stats.device)
+        ups = [_up(c.deltas.get(ref), base.shape[0]) for c in plan.concepts]
         solution = solve_layer(layer_stats, ups, base, settings, layer=str(ref))
         kernel = _kernel(plan, ref)
         factors[ref] = ModuleDelta(solution.up.cpu(), solution.down.cpu(), kernel)

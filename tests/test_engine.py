@@ -137,6 +137,7 @@ def test_interrupt_leaves_nothing_and_restores_weights(sd1_demo, tmp_path):
 def _collection_peak_mib(host, plan):
     """Peak RSS growth (MiB) while recording features, sampled every millisecond."""
     from loraclr_ext.collect import collect, new_stats
+    from loraclr_ext.engine import flat_shape
     from loraclr_ext.progress import SilentProgress
 
     def rss():
@@ -144,8 +145,8 @@ def _collection_peak_mib(host, plan):
             return int(f.read().split()[1]) * 4096
 
     modules = host.modules(plan.refs)
-    weights = {r: host.base_weight(r) for r in modules}
-    stats = new_stats(plan, weights, host.device)
+    shapes = {r: flat_shape(m) for r, m in modules.items()}
+    stats = new_stats(plan, shapes, host.device)
     base = rss()
     peak = [base]
     done = threading.Event()
