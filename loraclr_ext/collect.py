@@ -155,6 +155,12 @@ def _text_stage(
     return cond
 
 
+def _recording_batch(cond: Conditioning) -> Conditioning:
+    """The first ``SPATIAL_PROMPTS`` prompts of ``cond``: the batch of the denoising run."""
+    pooled = None if cond.pooled is None else cond.pooled[:SPATIAL_PROMPTS]
+    return Conditioning(context=cond.context[:SPATIAL_PROMPTS], pooled=pooled)
+
+
 def _spatial_stage(
     host: Host,
     concept: Concept,
@@ -167,10 +173,7 @@ def _spatial_stage(
     progress: Progress,
 ) -> None:
     unet_deltas = {r: d for r, d in concept.deltas.items() if r.component == "unet"}
-    batch = Conditioning(
-        context=cond.context[:SPATIAL_PROMPTS],
-        pooled=None if cond.pooled is None else cond.pooled[:SPATIAL_PROMPTS],
-    )
+    batch = _recording_batch(cond)
 
     def step(i: int, total: int) -> None:
         progress.advance()
@@ -197,9 +200,6 @@ def _neutral_stage(
     for ref in kv:
         stats[ref].add(NEUTRAL, rows)
     if spatial:
-        batch = Conditioning(
-            cond.context[:SPATIAL_PROMPTS],
-            None if cond.pooled is None else cond.pooled[:SPATIAL_PROMPTS],
-        )
+        batch = _recording_batch(cond)
         with recording(spatial, sink):
             host.sample(batch, steps=options.steps, size=options.size, seed=options.seed)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraclr_ext.collect import token_roles
 from loraclr_ext.deltas import ModuleDelta
 from loraclr_ext.hooks import applied, recording
 from loraclr_ext.hosts.base import Host
@@ -80,11 +81,9 @@ def fit_concept(
     negatives = [t.format(o) for o in others for t in TRAIN_TEMPLATES] + list(NEUTRAL)
     prompts = positives + negatives
     trig_ids = set(host.tokenize([trigger]).ids[0][1:-1])
-    mask = torch.zeros(len(prompts), host.tokenize(prompts).length, dtype=torch.bool)
-    for b, row in enumerate(host.tokenize(positives).ids):
-        for t, token in enumerate(row[: mask.shape[1]]):
-            mask[b, t] = token in trig_ids
-    flat_mask = mask.reshape(-1)
+    trigger_rows = token_roles(host, positives, trig_ids).trigger  # [P, T]
+    others_rows = trigger_rows.new_zeros(len(negatives), trigger_rows.shape[1])
+    flat_mask = torch.cat([trigger_rows, others_rows]).reshape(-1)
 
     deltas: dict[ModuleRef, ModuleDelta] = {}
     text = {r: m for r, m in modules.items() if r.is_text}
