@@ -133,9 +133,23 @@ def build_tiny_tokenizer(pad_token: str = EOS_TOKEN) -> Any:
     ``pad_token`` is ``<|endoftext|>`` for SD1/SD2 and SDXL's first tokenizer and ``!`` for
     SDXL's second one, as in the released models.
     """
+    import transformers
     from transformers import CLIPTokenizer
 
     v = tiny_vocab()
+    if int(transformers.__version__.split(".", 1)[0]) < 5:
+        # transformers 4 (Forge ships 4.46.1) reads vocabulary and merges only from files;
+        # it loads both into memory in the constructor, so a temporary folder is enough.
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            vocab, merges = Path(folder, "vocab.json"), Path(folder, "merges.txt")
+            vocab.write_text(json.dumps(dict(v.vocab)), encoding="utf-8")
+            lines = "".join(f"{left} {right}\n" for left, right in v.merges)
+            merges.write_text("#version: 0.2\n" + lines, encoding="utf-8")
+            return CLIPTokenizer(
+                str(vocab), str(merges), pad_token=pad_token, model_max_length=MAX_LENGTH
+            )
     return CLIPTokenizer(
         vocab=dict(v.vocab),
         merges=list(v.merges),
