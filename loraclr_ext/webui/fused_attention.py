@@ -105,7 +105,10 @@ def projections(mha: torch.nn.MultiheadAttention) -> AttentionProjections:
     if mha.bias_k is not None or mha.bias_v is not None or mha.add_zero_attn:
         raise ValueError("MultiheadAttention with add_bias_kv / add_zero_attn is not supported.")
     return AttentionProjections(
-        FusedProjection(mha, "q"), FusedProjection(mha, "k"), FusedProjection(mha, "v"), mha.out_proj
+        FusedProjection(mha, "q"),
+        FusedProjection(mha, "k"),
+        FusedProjection(mha, "v"),
+        mha.out_proj,
     )
 
 
