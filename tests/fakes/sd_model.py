@@ -267,7 +267,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class ConcatTimestepEmbedderND(torch.nn.Module):
-    """sgm size embedder: each of ``x [B, d]``'s numbers embedded to ``outdim``, ``[B, d·outdim]``."""
+    """sgm size embedder: every number of ``x [B, d]`` embedded to ``outdim``, ``[B, d·outdim]``."""
 
     def __init__(self, outdim: int, input_key: str) -> None:
         super().__init__()
