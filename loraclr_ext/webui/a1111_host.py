@@ -1,19 +1,39 @@
 """The AUTOMATIC1111 1.10 loaded checkpoint (``shared.sd_model``) behind the Host protocol.
 
-The UNet is ``sd_model.model.diffusion_model`` with ldm names, the SD1 text encoder is
-the HF CLIP at ``sd_model.cond_stage_model.wrapped.transformer``. Text goes through
-``sd_model.get_learned_conditioning`` (the path generation takes: clip skip, emphasis),
-denoising through ``sd_model.apply_model(x, t, cond)`` with DDPM timesteps and the
-model's own ``alphas_cumprod``. LoRAs the built-in Lora extension merged into the weights
-are taken out before the merge and put back afterwards, so the model ends exactly as it
-was (dossier §4.6).
+SD 1.x, SD 2.x and SDXL (dossier §3.1–3.3). The UNet is ``sd_model.model.diffusion_model``
+with ldm / sgm names. Text encoders:
 
-SD2 and SDXL (open_clip fused ``in_proj`` text encoders) are refused with a clear message
-for now.
+* SD 1.x: the HF CLIP at ``cond_stage_model.wrapped.transformer``;
+* SD 2.x: the open_clip model at ``cond_stage_model.wrapped.model``; its attention layers
+  are ``torch.nn.MultiheadAttention`` with fused q/k/v, made hookable for the duration of
+  :meth:`A1111Host.encode` by :mod:`loraclr_ext.webui.fused_attention`. The WebUI stops at
+  the penultimate resblock, so the last one is not offered as a target (diffusers drops it
+  too);
+* SDXL: ``conditioner.embedders[0].wrapped.transformer`` (CLIP-L, HF, ``te1``) and
+  ``conditioner.embedders[1].wrapped.model`` (OpenCLIP-bigG, open_clip, ``te2``).
+
+Text goes through ``sd_model.get_learned_conditioning`` (the path generation takes: clip
+skip, emphasis), denoising through ``sd_model.apply_model(x, t, cond)`` with DDPM timesteps
+and the model's own ``alphas_cumprod`` / ``parameterization``. For SDXL the conditioning is
+the sgm dict: :class:`Conditioning` ``context`` holds ``crossattn`` ``[B, 77, 2048]`` and
+``pooled`` holds the whole sgm ``vector`` ``[B, 2816]`` (pooled bigG output and the size
+embeddings the WebUI computed, 1024² unless it says otherwise), which the engine only
+slices by batch and hands back to :meth:`A1111Host.predict_noise`.
+
+LoRAs the built-in Lora extension merged into the weights (``in_proj_weight`` /
+``out_proj.weight`` for an MHA) are taken out before the merge and put back afterwards, so
+the model ends exactly as it was (dossier §4.6). Under ``--medvram`` / ``--lowvram``
+weights may sit on the CPU between calls: nothing here moves a model or submodule (the
+WebUI's own hooks do when ``get_learned_conditioning`` / ``apply_model`` run), only small
+tensors (latents, conditioning) are sent to ``devices.device``, and :meth:`base_weight`
+copies one weight to the CPU wherever it is.
+
+SD3, SSD-1B, the SDXL refiner and inpainting checkpoints are refused with a clear message.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,9 +46,21 @@ from loraclr_ext.errors import InvalidInputError, LoraClrError
 from loraclr_ext.hosts.base import Conditioning, StepCallback, Tokens, iter_chunks
 from loraclr_ext.hosts.standalone import has_text_model_level, live_text_path, weights_fingerprint
 from loraclr_ext.naming import ldm_unet_path
-from loraclr_ext.targets import ModuleRef
+from loraclr_ext.targets import Component, ModuleRef
+from loraclr_ext.webui.fused_attention import (
+    AttentionProjections,
+    batch_first_calls,
+    explicit_attention,
+    projections,
+)
 
 ENCODE_CHUNK = 16
+CHUNK_TOKENS = 75
+"""Prompt tokens per 77-token CLIP chunk (BOS and EOS around them)."""
+_TEXT_PATH = re.compile(
+    r"text_model\.encoder\.layers\.(\d+)\.(?:self_attn\.(q|k|v|out)_proj|mlp\.(fc1|fc2))"
+)
+_OPEN_CLIP_MLP = {"fc1": "c_fc", "fc2": "c_proj"}
 
 
 class NoModelError(LoraClrError):
@@ -36,25 +68,33 @@ class NoModelError(LoraClrError):
 
 
 def model_architecture(sd_model: Any) -> Architecture:
-    """The family of an A1111 model from its ``is_*`` flags.
+    """The family of an A1111 model from its ``is_*`` flags (dossier §3.1).
 
     Raises:
         NoModelError: no model.
-        InvalidInputError: SD3, SSD-1B, SD2 or SDXL (not supported by this adapter yet).
+        InvalidInputError: SD3, SSD-1B or an inpainting / instruct (``c_concat``) model.
     """
     if sd_model is None:
         raise NoModelError(
             "No checkpoint is loaded; pick one in the Stable Diffusion checkpoint menu first."
         )
     if getattr(sd_model, "is_sd3", False) or getattr(sd_model, "is_ssd", False):
-        raise InvalidInputError("The loaded checkpoint (SD3 / SSD-1B) is not supported.")
-    if getattr(sd_model, "is_sdxl", False) or getattr(sd_model, "is_sd2", False):
-        kind = "SDXL" if getattr(sd_model, "is_sdxl", False) else "SD 2.x"
         raise InvalidInputError(
-            f"The loaded checkpoint is {kind}; merging in the WebUI supports SD 1.x "
-            "checkpoints for now. Load an SD 1.x checkpoint, or use the command line "
-            "(python -m loraclr_ext merge) for SD 2.x / SDXL."
+            "The loaded checkpoint (SD3 / SSD-1B) is not supported; load an SD 1.x, SD 2.x "
+            "or SDXL base checkpoint to merge."
         )
+    inpaint = getattr(sd_model, "is_sdxl_inpaint", False) or (
+        getattr(getattr(sd_model, "model", None), "conditioning_key", None) == "hybrid"
+    )
+    if inpaint:
+        raise InvalidInputError(
+            "The loaded checkpoint is an inpainting / instruct model (extra image input); "
+            "load the base checkpoint the LoRAs were trained on to merge."
+        )
+    if getattr(sd_model, "is_sdxl", False):
+        return Architecture.SDXL
+    if getattr(sd_model, "is_sd2", False):
+        return Architecture.SD2
     return Architecture.SD1
 
 
@@ -78,13 +118,63 @@ def _weight_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return found
 
 
+@dataclass
+class TextEncoder:
+    """One text encoder of the loaded model.
+
+    Attributes:
+        component: ``te1`` / ``te2``.
+        model: an HF ``CLIPTextModel`` or an open_clip model (``transformer.resblocks``).
+        open_clip: which of the two.
+        layers: resblocks that run when the WebUI encodes (open_clip only; SD 2.x stops at
+            the penultimate one); refs of later layers are left out.
+    """
+
+    component: Component
+    model: torch.nn.Module
+    open_clip: bool = False
+    layers: int | None = None
+
+
+def text_encoders(sd_model: Any, arch: Architecture) -> list[TextEncoder]:
+    """The text encoders of an A1111 model of family ``arch``.
+
+    Raises:
+        InvalidInputError: the layout is not the one of an SD 1.x / SD 2.x / SDXL base model
+            (e.g. the SDXL refiner, which has only OpenCLIP-bigG).
+    """
+    try:
+        if arch is Architecture.SDXL:
+            embedders = sd_model.conditioner.embedders
+            clip_l = embedders[0].wrapped.transformer
+            big_g = embedders[1].wrapped.model
+            return [
+                TextEncoder("te1", clip_l),
+                TextEncoder("te2", big_g, True, len(big_g.transformer.resblocks)),
+            ]
+        wrapped = sd_model.cond_stage_model.wrapped
+        if arch is Architecture.SD2:
+            model = wrapped.model
+            stop = int(getattr(wrapped, "layer_idx", 0) or 0)
+            return [TextEncoder("te1", model, True, len(model.transformer.resblocks) - stop)]
+        return [TextEncoder("te1", wrapped.transformer)]
+    except (AttributeError, IndexError, TypeError):
+        raise InvalidInputError(
+            f"The loaded {arch.label} checkpoint does not have the text encoders of an "
+            f"{arch.label} base model (an SDXL refiner?); load a base checkpoint to merge."
+        ) from None
+
+
 class A1111Host:
-    """The WebUI's loaded SD1 model as a merge host.
+    """The WebUI's loaded SD 1.x / SD 2.x / SDXL model as a merge host.
 
     Args:
         sd_model: ``modules.sd_models.model_data.sd_model``.
         devices: ``modules.devices`` (``device``, ``autocast``).
         networks: the built-in Lora extension's ``networks`` module, or ``None``.
+
+    Raises:
+        NoModelError, InvalidInputError: see :func:`model_architecture`, :func:`text_encoders`.
     """
 
     def __init__(self, sd_model: Any, devices: Any, networks: Any = None) -> None:
@@ -93,29 +183,92 @@ class A1111Host:
         self.devices = devices
         self.networks = networks
         self.unet: torch.nn.Module = sd_model.model.diffusion_model
-        self.text: torch.nn.Module = sd_model.cond_stage_model.wrapped.transformer
-        self.tokenizer = sd_model.cond_stage_model.wrapped.tokenizer
+        self.text_encoders = text_encoders(sd_model, self.architecture)
+        # The WebUI wrapper whose tokenize() / id_start / id_end line up with the conditioning.
+        self.text_wrapper = (
+            sd_model.conditioner.embedders[0]
+            if self.architecture is Architecture.SDXL
+            else sd_model.cond_stage_model
+        )
         self.device = torch.device(getattr(devices, "device", "cpu"))
         self.dtype = next(self.unet.parameters()).dtype
+        self._projections: dict[torch.nn.Module, AttentionProjections] = {}
+        # open_clip MLPs handed out by modules() that run sequence first ([T, B, C]).
+        self._sequence_first: dict[torch.nn.Module, None] = {}
 
     # -- modules
 
     def modules(self, refs: Iterable[ModuleRef]) -> dict[ModuleRef, torch.nn.Module]:
-        """Live modules for ``refs`` (UNet via ldm names); missing ones are left out."""
-        level = has_text_model_level(self.text)
+        """Live modules for ``refs`` (UNet via ldm names); missing ones are left out.
+
+        open_clip attention refs resolve to :class:`~loraclr_ext.webui.fused_attention.
+        FusedProjection` proxies (q/k/v) and the real ``out_proj``, whose forward hooks fire
+        inside :meth:`encode` only; MLP refs resolve to ``mlp.c_fc`` / ``mlp.c_proj``, which
+        inside :meth:`encode` see batch-first ``[B, T, C]`` inputs like every other text
+        module (open_clip 2.x runs sequence first).
+
+        Raises:
+            InvalidInputError: an attention layer of a layout open_clip does not use.
+        """
+        encoders = {e.component: e for e in self.text_encoders}
+        levels = {e.component: has_text_model_level(e.model) for e in encoders.values()}
         found: dict[ModuleRef, torch.nn.Module] = {}
         for ref in refs:
+            enc = encoders.get(ref.component)
+            if enc is not None and enc.open_clip:
+                # Raises on an MHA it cannot hook instead of dropping the layer silently.
+                module = self._open_clip_module(enc, ref.path)
+                if module is not None:
+                    found[ref] = module
+                continue
             try:
                 if ref.component == "unet":
                     found[ref] = self.unet.get_submodule(ldm_unet_path(ref.path, self.architecture))
-                elif ref.component == "te1":
-                    found[ref] = self.text.get_submodule(live_text_path(ref.path, level))
+                elif enc is not None:
+                    path = live_text_path(ref.path, levels[ref.component])
+                    found[ref] = enc.model.get_submodule(path)
             except (AttributeError, InvalidInputError):
                 continue
         return found
 
+    def _open_clip_module(self, enc: TextEncoder, path: str) -> torch.nn.Module | None:
+        """Canonical ``text_model.encoder.layers.N.…`` path -> the open_clip module."""
+        match = _TEXT_PATH.fullmatch(path)
+        if match is None:
+            return None
+        index, attn, mlp = int(match[1]), match[2], match[3]
+        blocks = enc.model.transformer.resblocks
+        if index >= min(len(blocks), enc.layers if enc.layers is not None else len(blocks)):
+            return None
+        block = blocks[index]
+        if not hasattr(block, "attn") or not hasattr(block, "mlp"):
+            return None
+        if mlp is not None:
+            if not getattr(block.attn, "batch_first", False):
+                self._sequence_first[block.mlp] = None
+            return getattr(block.mlp, _OPEN_CLIP_MLP[mlp])
+        return self._attention(block.attn).by_name(attn)
+
+    def _attention(self, mha: torch.nn.Module) -> AttentionProjections:
+        """The cached hookable projections of one MHA (the same objects on every call, so
+        hooks the engine registers stay attached)."""
+        if mha not in self._projections:
+            try:
+                self._projections[mha] = projections(mha)
+            except ValueError as exc:
+                raise InvalidInputError(
+                    f"The loaded text encoder has an attention layer this merge cannot hook ({exc})"
+                ) from None
+        return self._projections[mha]
+
+    def _attention_pairs(self) -> list[tuple[torch.nn.Module, AttentionProjections]]:
+        """The MHAs whose projections :meth:`modules` handed out; only these need to run
+        through them (the others keep the library's own forward)."""
+        return list(self._projections.items())
+
     def base_weight(self, ref: ModuleRef) -> torch.Tensor:
-        """CPU fp32 copy ``[out, in·kh·kw]`` (works for fp8 storage and lowvram too)."""
+        """CPU fp32 copy ``[out, in·kh·kw]`` (works for fp8 storage, for lowvram weights on
+        the CPU, and for the ``[C, C]`` slice of a fused ``in_proj_weight``)."""
         found = self.modules([ref])
         if ref not in found:
             raise InvalidInputError(f"The loaded model has no module {ref}.")
@@ -125,20 +278,52 @@ class A1111Host:
     # -- text
 
     def tokenize(self, prompts: list[str]) -> Tokens:
-        tok = self.tokenizer
-        ids = tok(prompts, padding=False, truncation=True, max_length=tok.model_max_length)
-        return Tokens(ids=[list(map(int, x)) for x in ids.input_ids], length=tok.model_max_length)
+        """Ids the way the WebUI wrapper lays out the first chunk: ``id_start``, up to 75
+        prompt tokens, ``id_end`` (SDXL: CLIP-L's wrapper; bigG's ids are the same words)."""
+        wrapper = self.text_wrapper
+        if not all(hasattr(wrapper, a) for a in ("tokenize", "id_start", "id_end")):
+            return self._hf_tokenize(prompts)
+        start, end = int(wrapper.id_start), int(wrapper.id_end)
+        ids = [
+            [start, *map(int, row[:CHUNK_TOKENS]), end] for row in wrapper.tokenize(list(prompts))
+        ]
+        return Tokens(ids=ids, length=CHUNK_TOKENS + 2)
+
+    def _hf_tokenize(self, prompts: list[str]) -> Tokens:
+        """Fallback for wrappers without ``tokenize``: the HF CLIP tokenizer (SD 1.x)."""
+        tok = self.text_wrapper.wrapped.tokenizer
+        ids = tok(prompts, padding=False, truncation=True, max_length=CHUNK_TOKENS + 2)
+        return Tokens(ids=[list(map(int, x)) for x in ids.input_ids], length=CHUNK_TOKENS + 2)
 
     def encode(self, prompts: list[str]) -> Conditioning:
-        """``sd_model.get_learned_conditioning``; only the first 77 tokens are kept."""
+        """``sd_model.get_learned_conditioning``; only the first 77 tokens are kept.
+
+        Returns context ``[B, 77, C]`` (SDXL: ``crossattn``) and, for SDXL, the sgm
+        ``vector`` ``[B, 2816]`` as ``pooled``. Every open_clip attention layer :meth:`modules`
+        handed out runs through its hookable projections (and its MLP batch first) while
+        this runs, and only then.
+        """
         if not prompts:
             raise InvalidInputError("No prompts to encode.")
-        chunks = []
-        with self.devices.autocast():
+        contexts: list[torch.Tensor] = []
+        vectors: list[torch.Tensor] = []
+        length = CHUNK_TOKENS + 2
+        with (
+            self.devices.autocast(),
+            explicit_attention(self._attention_pairs()),
+            batch_first_calls(list(self._sequence_first)),
+        ):
             for chunk in iter_chunks(list(prompts), ENCODE_CHUNK):
                 cond = self.sd_model.get_learned_conditioning(chunk)
-                chunks.append(cond[:, : self.tokenizer.model_max_length].float())
-        return Conditioning(context=torch.cat(chunks))
+                if isinstance(cond, dict):
+                    vectors.append(cond["vector"].float())
+                    cond = cond["crossattn"]
+                contexts.append(cond[:, :length].float())
+        if self.architecture is Architecture.SDXL and len(vectors) != len(contexts):
+            raise InvalidInputError("The SDXL model returned no 'vector' conditioning.")
+        return Conditioning(
+            context=torch.cat(contexts), pooled=torch.cat(vectors) if vectors else None
+        )
 
     # -- denoising
 
@@ -150,14 +335,24 @@ class A1111Host:
             return alpha**0.5 * out + (1 - alpha) ** 0.5 * x
         return out
 
+    def _model_cond(self, cond: Conditioning) -> Any:
+        """What ``apply_model`` takes: the context tensor, or SDXL's sgm dict."""
+        context = cond.context.to(self.device)
+        if self.architecture is not Architecture.SDXL:
+            return context
+        if cond.pooled is None:
+            raise InvalidInputError("SDXL conditioning needs the 'vector' (pooled) input.")
+        return {"crossattn": context, "vector": cond.pooled.to(self.device)}
+
     def predict_noise(
         self, latents: torch.Tensor, timestep: int, cond: Conditioning
     ) -> torch.Tensor:
-        """One ``apply_model`` call; returns ε or v like the model does."""
+        """One ``apply_model`` call on ``latents`` ``[B, 4, h, w]``; returns ε or v like the
+        model does, fp32 ``[B, 4, h, w]``."""
         x = latents.to(self.device)
         t = torch.full((x.shape[0],), int(timestep), device=self.device, dtype=torch.long)
         with self.devices.autocast():
-            out = self.sd_model.apply_model(x, t, cond.context.to(self.device))
+            out = self.sd_model.apply_model(x, t, self._model_cond(cond))
         return out.float()
 
     def sample(
@@ -170,7 +365,7 @@ class A1111Host:
         callback: StepCallback | None = None,
     ) -> torch.Tensor:
         """Deterministic DDIM (η = 0) over ``steps`` evenly spaced DDPM timesteps, no CFG;
-        CPU-generated noise, so runs agree across devices."""
+        CPU-generated noise, so runs agree across devices. Returns ``[B, 4, size/8, size/8]``."""
         if steps < 1 or size < 8 or size % 8:
             raise InvalidInputError(f"Bad sampling settings: steps={steps}, size={size}.")
         alphas = self._alphas()
@@ -192,7 +387,7 @@ class A1111Host:
     # -- weight guard
 
     def _models(self) -> list[torch.nn.Module]:
-        return [self.unet, self.text]
+        return [self.unet, *(e.model for e in self.text_encoders)]
 
     @contextmanager
     def clean_weights(self) -> Iterator[None]:

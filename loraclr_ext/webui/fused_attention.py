@@ -12,6 +12,11 @@ on those modules see the true projection inputs, batch first ``[B, T, C]``, and 
 their outputs. The class ``forward`` is never touched; the instance attribute is removed
 (or the one found there put back) when the block exits, also on error.
 
+open_clip 2.x runs its text transformer sequence first (``[T, B, C]``), so the MLP
+Linears see ``[T, B, C]`` too; :func:`batch_first_calls` runs a position-wise module (the
+block's ``mlp``) on its input transposed to ``[B, T, C]``, which changes no number but lets
+hooks on ``c_fc`` / ``c_proj`` see the same layout as the projections.
+
 torch only: nothing here knows about WebUIs or LoRAs.
 """
 
@@ -212,16 +217,52 @@ def explicit_attention(
     saved: list[tuple[torch.nn.MultiheadAttention, Any]] = []
     try:
         for mha, proj in pairs:
-            saved.append((mha, mha.__dict__.get("forward", _MISSING)))
 
             def forward(*args: Any, _mha=mha, _proj=proj, **kwargs: Any):
                 return explicit_forward(_mha, _proj, *args, **kwargs)
 
-            mha.forward = forward
+            saved.append((mha, _override(mha, forward)))
         yield
     finally:
         for mha, previous in reversed(saved):
-            if previous is _MISSING:
-                mha.__dict__.pop("forward", None)
-            else:
-                mha.forward = previous
+            _restore(mha, previous)
+
+
+def _override(module: torch.nn.Module, forward: Any) -> Any:
+    """Set an instance ``forward``; return what to restore (the previous one or a marker)."""
+    previous = module.__dict__.get("forward", _MISSING)
+    module.forward = forward
+    return previous
+
+
+def _restore(module: torch.nn.Module, previous: Any) -> None:
+    if previous is _MISSING:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = previous
+
+
+@contextmanager
+def batch_first_calls(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """Inside the block, call each (position-wise, one-tensor) module on its sequence-first
+    input ``[T, B, C]`` transposed to ``[B, T, C]`` and transpose the result back.
+
+    Only for modules that act on every position alone (Linear / activation stacks such as
+    open_clip's ``mlp``): for those the output is identical, and their children see
+    batch-first inputs. Restored on exit like :func:`explicit_attention`.
+    """
+    saved: list[tuple[torch.nn.Module, Any]] = []
+    try:
+        for module in modules:
+            call = module.forward  # bound: the class forward or an instance one found here
+
+            def forward(x: torch.Tensor, _call=call) -> torch.Tensor:
+                if x.dim() != 3:
+                    return _call(x)
+                return _call(x.transpose(0, 1)).transpose(0, 1)
+
+            saved.append((module, _override(module, forward)))
+        yield
+    finally:
+        for module, previous in reversed(saved):
+            _restore(module, previous)
