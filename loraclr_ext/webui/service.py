@@ -17,7 +17,8 @@ from typing import Any
 from loraclr_ext.architecture import Architecture
 from loraclr_ext.errors import InvalidInputError, LoraClrError
 from loraclr_ext.options import ConceptSpec, MergeOptions
-from loraclr_ext.webui.a1111_host import NoModelError, model_architecture
+from loraclr_ext.webui.a1111_host import NoModelError
+from loraclr_ext.webui.host_kind import forget_cached_loras, is_loaded, model_architecture
 
 log = logging.getLogger("loraclr")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -132,12 +133,26 @@ class WebuiContext:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def model(self) -> Any:
+    def model(self, load: bool = True) -> Any:
+        """The loaded model. Forge builds it lazily (``FakeInitialModel`` until then), so
+        with ``load`` its ``sd_models.forge_model_reload()`` runs first (a no-op when the
+        selected checkpoint is already loaded); merges call this under the queue lock."""
+        reload = getattr(self.sd_models, "forge_model_reload", None)
+        if load and callable(reload):
+            reload()
         return self.sd_models.model_data.sd_model
 
     def model_architecture(self) -> Architecture | None:
+        """The loaded model's architecture, for greying out LoRAs; ``None`` when unknown.
+
+        Peeks without loading: the list is drawn at start-up and on every search keystroke,
+        outside the queue lock, and must not load a Forge checkpoint there.
+        """
+        sd_model = self.model(load=False)
+        if not is_loaded(sd_model):
+            return None
         try:
-            return model_architecture(self.model())
+            return model_architecture(sd_model)
         except LoraClrError:
             return None
 
@@ -203,7 +218,7 @@ class WebuiContext:
 
         from loraclr_ext.engine import run_merge
         from loraclr_ext.plan import output_path, plan_merge, precheck
-        from loraclr_ext.webui.a1111_host import A1111Host
+        from loraclr_ext.webui.host_kind import make_host
         from loraclr_ext.webui.progress import StateProgress
 
         if len(rows) < 2:
@@ -214,7 +229,7 @@ class WebuiContext:
         sd_model = self.model()
         arch = model_architecture(sd_model)
         plan = plan_merge(specs, options, arch, out, check_shapes=self.check_shapes)
-        host = A1111Host(sd_model, self.devices, self.networks)
+        host = make_host(sd_model, self)
         try:
             result = run_merge(plan, host, StateProgress(self.shared.state))
         except torch.OutOfMemoryError as exc:
@@ -230,9 +245,12 @@ class WebuiContext:
         return result
 
     def refresh_networks(self) -> None:
-        """Let the built-in Lora extension see the new file (dossier Appendix B.8)."""
+        """Let the built-in Lora extension see the new file (dossier Appendix B.8); on
+        Forge / reForge also drop the cached state dicts and LoRA hash, so a file
+        rewritten under the same name is read again (forge.md §4)."""
         if self.networks is not None and hasattr(self.networks, "list_available_networks"):
             self.networks.list_available_networks()
+        forget_cached_loras(self.model(load=False), self.networks)
 
 
 def parse_options(ctx: WebuiContext, values: dict[str, Any]) -> MergeOptions:

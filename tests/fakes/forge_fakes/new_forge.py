@@ -1,0 +1,311 @@
+"""New Forge (``backend/``) stand-ins: engine, patchers, LoRA loader, memory management,
+``sd_models`` and the Lora extension's ``networks`` (forge.md §1.8, §2, §3, §4)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from forge_fakes.common import DiscreteSchedule, TinyParts, apply_in_sigma_space, encode_prompts
+from loraclr_ext.architecture import Architecture
+
+CPU = torch.device("cpu")
+
+
+def _set_param(model: torch.nn.Module, key: str, value: torch.Tensor) -> None:
+    module_path, _, name = key.rpartition(".")
+    module = model.get_submodule(module_path) if module_path else model
+    setattr(module, name, torch.nn.Parameter(value, requires_grad=False))
+
+
+class LoraLoader:
+    """One per underlying model, shared by all its patchers (§3.5): ``refresh`` restores
+    every backed-up weight, then merges the patcher's ``lora_patches`` into the weights
+    (fp32 maths, cast back to the storage dtype), backing originals up first. Runs in
+    inference mode; does nothing when the patch set equals the loaded one."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.backup: dict[str, torch.Tensor] = {}
+        self.loaded_hash = str([])
+        self.refreshes = 0
+
+    @torch.inference_mode()
+    def refresh(self, lora_patches: dict, offload_device: torch.device = CPU) -> None:
+        wanted = str(sorted(lora_patches, key=str))
+        if wanted == self.loaded_hash:
+            return
+        self.refreshes += 1
+        for key, weight in self.backup.items():
+            _set_param(self.model, key, weight.clone())
+        self.backup.clear()
+        for (_, strength_patch, strength_model, _), patches in lora_patches.items():
+            for key, delta in patches.items():
+                param = self.model.get_parameter(key)
+                if key not in self.backup:
+                    self.backup[key] = param.detach().to(offload_device, copy=True)
+                merged = strength_model * param.detach().float() + strength_patch * delta.float()
+                _set_param(self.model, key, merged.to(param.dtype))
+        self.loaded_hash = wanted
+
+
+class ModelPatcher:
+    """``backend.patcher.base.ModelPatcher``: a model plus LoRA patches keyed
+    ``(filename, strength_patch, strength_model, online_mode)``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.lora_patches: dict[tuple, dict[str, torch.Tensor]] = {}
+        self.load_device = CPU
+        self.offload_device = CPU
+        self.current_device = CPU
+        self.model_options: dict[str, Any] = {"transformer_options": {}}
+        if not hasattr(model, "lora_loader"):
+            model.lora_loader = LoraLoader(model)
+
+    @property
+    def lora_loader(self) -> LoraLoader:
+        return self.model.lora_loader
+
+    def clone(self) -> ModelPatcher:
+        twin = type(self).__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        twin.lora_patches = dict(self.lora_patches)
+        twin.model_options = {"transformer_options": {}}
+        return twin
+
+    def add_patches(
+        self,
+        *,
+        filename: str,
+        patches: dict[str, torch.Tensor],
+        strength_patch: float = 1.0,
+        strength_model: float = 1.0,
+        online_mode: bool = False,
+    ) -> list[str]:
+        known = dict(self.model.named_parameters())
+        kept = {k: v for k, v in patches.items() if k in known}
+        self.lora_patches[(filename, strength_patch, strength_model, online_mode)] = kept
+        return list(kept)
+
+    def refresh_loras(self) -> None:
+        self.lora_loader.refresh(self.lora_patches, self.offload_device)
+
+
+class UnetPatcher(ModelPatcher):
+    """``backend.patcher.unet.UnetPatcher``."""
+
+
+class KModel(torch.nn.Module):
+    """``backend.modules.k_model.KModel``: the raw network, its ``predictor`` and dtypes."""
+
+    def __init__(self, parts: TinyParts, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.diffusion_model = parts.unet
+        self.predictor = DiscreteSchedule(parts.alphas_cumprod, parts.prediction_type)
+        self.storage_dtype = dtype
+        self.computation_dtype = dtype
+        self.apply_calls = 0
+
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, **kwargs):
+        self.apply_calls += 1
+        dtype = self.computation_dtype
+        return apply_in_sigma_space(
+            self.predictor, self.diffusion_model, dtype, x, t, c_crossattn, **kwargs
+        )
+
+
+class IntegratedCLIP(torch.nn.Module):
+    """``backend.nn.clip.IntegratedCLIP``: an HF CLIP text model under ``.transformer``."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+
+class ObjectDict(dict):
+    """Forge's ``ObjectDict``: keys readable as attributes too."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+class CLIP:
+    """``backend.patcher.clip.CLIP``: ``cond_stage_model`` (a ModuleDict of
+    ``IntegratedCLIP``), ``tokenizer`` with the same keys, ``patcher``."""
+
+    def __init__(self, parts: TinyParts) -> None:
+        self.cond_stage_model = torch.nn.ModuleDict(
+            {k: IntegratedCLIP(m) for k, m in parts.text.items()}
+        )
+        self.tokenizer = ObjectDict(parts.tokenizers)
+        self.patcher = ModelPatcher(self.cond_stage_model)
+
+    def clone(self) -> CLIP:
+        twin = CLIP.__new__(CLIP)
+        twin.__dict__.update(self.__dict__)
+        twin.patcher = self.patcher.clone()
+        return twin
+
+    def add_patches(self, **kwargs: Any) -> list[str]:
+        return self.patcher.add_patches(**kwargs)
+
+
+@dataclass
+class ForgeObjects:
+    """``backend.diffusion_engine.base.ForgeObjects``."""
+
+    unet: Any
+    clip: Any
+    vae: Any = None
+    clipvision: Any = None
+
+    def shallow_copy(self) -> ForgeObjects:
+        return ForgeObjects(self.unet, self.clip, self.vae, self.clipvision)
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # the patcher
+
+
+class MemoryManagement:
+    """``backend.memory_management``: loading a patcher unloads its clones (same model)
+    and calls ``refresh_loras``; a patcher already loaded is left alone (§2.7)."""
+
+    def __init__(self) -> None:
+        self.current_loaded_models: list[LoadedModel] = []
+        self.load_calls = 0
+
+    def get_torch_device(self) -> torch.device:
+        return CPU
+
+    def load_models_gpu(self, models, memory_required=0, hard_memory_preservation=0) -> None:
+        self.load_calls += 1
+        for patcher in models:
+            if any(entry.model is patcher for entry in self.current_loaded_models):
+                continue
+            self.current_loaded_models = [
+                e for e in self.current_loaded_models if e.model.model is not patcher.model
+            ]
+            patcher.refresh_loras()
+            self.current_loaded_models.insert(0, LoadedModel(patcher))
+
+    def load_model_gpu(self, model) -> None:
+        self.load_models_gpu([model])
+
+    def unload_all_models(self) -> None:
+        self.current_loaded_models.clear()
+
+    def soft_empty_cache(self, force: bool = False) -> None:
+        pass
+
+
+class FakeForgeEngine:
+    """A ``ForgeDiffusionEngine`` (SD1 ``StableDiffusion``, SD2, SDXL): no ``model``, no
+    ``cond_stage_model``; conditioning through ``forge_objects.clip`` in inference mode."""
+
+    def __init__(self, parts: TinyParts, memory: MemoryManagement) -> None:
+        self.is_sd1 = parts.arch is Architecture.SD1
+        self.is_sd2 = parts.arch is Architecture.SD2
+        self.is_sdxl = parts.arch is Architecture.SDXL
+        self.is_sd3 = False
+        self.cond_stage_model = None
+        self.first_stage_model = None
+        self.parts = parts
+        self.memory = memory
+        unet = UnetPatcher(KModel(parts))
+        clip = CLIP(parts)
+        self.forge_objects = ForgeObjects(unet, clip)
+        self.forge_objects_original = self.forge_objects.shallow_copy()
+        self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+        self.current_lora_hash = str([])
+        self.conditioning_calls = 0
+
+    def is_webui_legacy_model(self) -> bool:
+        return self.is_sd1 or self.is_sd2 or self.is_sdxl
+
+    @torch.inference_mode()
+    def get_learned_conditioning(self, prompts: list[str]) -> Any:
+        self.memory.load_model_gpu(self.forge_objects.clip.patcher)
+        self.conditioning_calls += 1
+        return encode_prompts(self.parts, list(prompts), getattr(prompts, "width", 1024))
+
+    def generate_with_lora(self, filename: str, unet: dict, clip: dict) -> None:
+        """What a generation with ``<lora:…>`` leaves behind (§2.2, §3.2, §3.5): patched
+        clones in ``forge_objects_after_applying_lora`` and ``forge_objects``, loaded, so
+        their patches are merged into the shared weights."""
+        objects = self.forge_objects_original.shallow_copy()
+        objects.unet = objects.unet.clone()
+        objects.clip = objects.clip.clone()
+        objects.unet.add_patches(filename=filename, patches=unet)
+        objects.clip.add_patches(filename=filename, patches=clip)
+        self.forge_objects_after_applying_lora = objects
+        self.forge_objects = objects.shallow_copy()
+        self.current_lora_hash = str([[filename, 1.0, 1.0, False]])
+        self.memory.load_models_gpu([objects.unet, objects.clip.patcher])
+
+
+class FakeInitialModel:
+    """What ``shared.sd_model`` is on Forge before the first load (§1.8)."""
+
+    cond_stage_model = None
+    chunk_length = 75
+
+    def get_prompt_lengths_on_ui(self, prompt: str) -> tuple[int, int]:
+        return 0, 75
+
+
+class FakeSdModels:
+    """``modules.sd_models`` on Forge: ``model_data`` and ``forge_model_reload``."""
+
+    def __init__(self, build) -> None:
+        self._build = build
+        self.model_data = SimpleNamespace(
+            sd_model=FakeInitialModel(), forge_hash=None, forge_loading_parameters={"ckpt": "t"}
+        )
+        self.reloads = 0
+
+    @torch.inference_mode()
+    def forge_model_reload(self) -> tuple[Any, bool]:
+        self.reloads += 1
+        wanted = str(self.model_data.forge_loading_parameters)
+        if self.model_data.forge_hash == wanted:
+            return self.model_data.sd_model, False
+        self.model_data.sd_model = self._build()
+        self.model_data.forge_hash = wanted
+        return self.model_data.sd_model, True
+
+
+class FakeNetworks:
+    """The Lora extension's ``networks`` on Forge: the file list and the state-dict cache
+    keyed by file name (§3.1, §4)."""
+
+    def __init__(self, lora_dir: str) -> None:
+        self.lora_dir = lora_dir
+        self.available_networks: dict[str, str] = {}
+        self.refresh_calls = 0
+        self.load_lora_state_dict = functools.lru_cache(maxsize=5)(self._read)
+
+    @staticmethod
+    def _read(filename: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(filename)
+
+    def list_available_networks(self) -> None:
+        self.refresh_calls += 1
+        self.available_networks.clear()
+        for folder, _, files in os.walk(self.lora_dir):
+            for name in files:
+                stem, ext = os.path.splitext(name)
+                if ext in (".safetensors", ".pt", ".ckpt"):
+                    self.available_networks[stem] = os.path.join(folder, name)
