@@ -1,4 +1,4 @@
-"""The tab with real gradio 3.41.2: it builds, its handlers merge through the WebUI
+"""The tab with real gradio (3.41.2 and 4.40.0, one venv each): it builds, its handlers merge through the WebUI
 stand-ins, and every bad input gives its message and leaves files and weights alone."""
 
 from __future__ import annotations
@@ -9,7 +9,15 @@ from html import unescape
 from pathlib import Path
 
 import pytest
-from fixtures import FAST, fingerprint, snapshot
+from fixtures import (
+    FAST,
+    WEBUI_GRADIO,
+    component_ids,
+    fingerprint,
+    gradio_version,
+    js_hooks,
+    snapshot,
+)
 
 from loraclr_ext.webui.fields import option_fields
 
@@ -100,6 +108,25 @@ def test_tab_builds_with_ids_widgets_and_list(webui):
     assert "zwx_cat" in h.list_html("zwx") and "sks_dog" not in h.list_html("zwx")
 
 
+@pytest.mark.parametrize("version", [gradio_version()])
+def test_tab_config_for_the_running_gradio(webui, version):
+    """Names the gradio under test (the id shows it in the CI log) and checks the tab's
+    frontend config for it: its ids, and the three JS hooks registered through the
+    keyword this version takes (``_js=`` in 3, ``js=`` in 4)."""
+    import gradio as gr
+
+    from loraclr_ext.webui.ui import gradio_major, js
+
+    assert version == gr.__version__ and version in WEBUI_GRADIO
+    assert gradio_major() == int(version.split(".")[0])
+    assert js("f") == ({"_js": "f"} if version.startswith("3.") else {"js": "f"})
+    blocks, _ = tab(webui["ctx"])
+    ids = component_ids(blocks)
+    assert all(i.startswith("loraclr_") for i in ids)
+    assert {"loraclr_select", "loraclr_concepts", "loraclr_merge", "loraclr_result"} <= ids
+    assert js_hooks(blocks) == {"loraclrStartMerge", "loraclrRefreshCards", "loraclrSendToTxt2img"}
+
+
 def test_select_prefills_triggers_and_keeps_edits(webui):
     _, h = tab(webui["ctx"])
     rows = h.select(["sks_dog"], [])
@@ -167,10 +194,25 @@ def test_no_checkpoint_loaded(webui):
     assert snapshot(webui["dir"]) == files
 
 
-def test_sd2_and_sdxl_refused_clearly(webui):
-    webui["model"].is_sdxl = True
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [
+        ("is_sdxl", "SD 1.x LoRA but the base model is SDXL"),
+        ("is_sd2", "SD 1.x LoRA but the base model is SD 2.x"),
+        ("is_ssd", "(SD3 / SSD-1B) is not supported"),
+        ("is_sd3", "(SD3 / SSD-1B) is not supported"),
+    ],
+)
+def test_other_families_refused_clearly(webui, flag, expected):
+    """SD1 LoRAs on an SD 2.x / SDXL checkpoint, or any merge on SD3 / SSD-1B: the
+    message, no file, no weight touched."""
+    setattr(webui["model"], flag, True)
+    files, before = snapshot(webui["dir"]), fingerprint(webui["model"])
     _, html = run(webui["ctx"], ROWS)
-    assert "supports SD 1.x checkpoints for now" in html
+    assert expected in unescape(html), html
+    assert snapshot(webui["dir"]) == files
+    assert fingerprint(webui["model"]) == before
+    assert webui["model"].apply_calls == 0
 
 
 def test_out_of_memory_says_what_to_lower(webui, monkeypatch):
