@@ -1,12 +1,45 @@
-// LoRACLR Merge tab helpers. Only element ids (loraclr_*, txt2img_*) are used, so the
-// same code works with the gradio 3.41 (A1111 1.10) and 4.40 (Forge) DOM.
+// LoRACLR Merge tab helpers. Only element ids (loraclr_*, txt2img_*, tab_txt2img) and the
+// plain <textarea>/<input> gradio renders inside them are used, so the same code runs on
+// the gradio 3.41 (A1111 1.10, reForge) and gradio 4.40 (Forge) DOM.
 
 function loraclrApp() {
     return typeof gradioApp === "function" ? gradioApp() : document;
 }
 
-// Merge button: give the job a task id and show the WebUI progress bar (A1111's
-// randomId/requestProgress from progressbar.js), then pass the inputs on.
+// The text field inside the block with this elem_id: gradio 3 renders a <textarea> for
+// every Textbox, gradio 4 an <input> for single-line ones.
+function loraclrField(elemId) {
+    var block = loraclrApp().querySelector("#" + elemId);
+    return block ? block.querySelector("textarea, input") : null;
+}
+
+// Set a field and tell gradio: both versions read the value on a bubbling `input` event.
+function loraclrSetValue(field, value) {
+    field.value = value;
+    field.dispatchEvent(new Event("input", {bubbles: true}));
+}
+
+// Show a top-level WebUI tab. A1111 and Forge define switch_to_txt2img(); otherwise click
+// the tab's button: gradio 4 gives it the id "tab_<name>-button", gradio 3 only its label.
+function loraclrShowTab(name) {
+    if (name === "txt2img" && typeof switch_to_txt2img === "function") {
+        switch_to_txt2img();
+        return;
+    }
+    var app = loraclrApp();
+    var button = app.querySelector("#tab_" + name + "-button");
+    if (!button) {
+        button = Array.prototype.find.call(app.querySelectorAll("button"), function(b) {
+            return b.textContent.trim() === name && b.closest(".tab-nav, [role=tablist]");
+        });
+    }
+    if (button) {
+        button.click();
+    }
+}
+
+// Merge button: give the job a task id and show the WebUI progress bar (A1111's and
+// Forge's randomId/requestProgress from progressbar.js), then pass the inputs on.
 function loraclrStartMerge() {
     var args = Array.prototype.slice.call(arguments);
     if (typeof randomId === "function" && typeof requestProgress === "function") {
@@ -31,17 +64,10 @@ function loraclrRefreshCards() {
 
 // "Send to txt2img": append the prompt tag to the txt2img prompt and switch tabs.
 function loraclrSendToTxt2img(tag) {
-    var box = loraclrApp().querySelector("#txt2img_prompt textarea");
+    var box = loraclrField("txt2img_prompt");
     if (box && tag) {
-        box.value = box.value ? box.value.replace(/[\s,]*$/, ", ") + tag : tag;
-        if (typeof updateInput === "function") {
-            updateInput(box);
-        } else {
-            box.dispatchEvent(new Event("input", {bubbles: true}));
-        }
+        loraclrSetValue(box, box.value ? box.value.replace(/[\s,]*$/, ", ") + tag : tag);
     }
-    if (typeof switch_to_txt2img === "function") {
-        switch_to_txt2img();
-    }
+    loraclrShowTab("txt2img");
     return [tag];
 }

@@ -1,5 +1,8 @@
-"""The "LoRACLR Merge" tab (gradio 3.41 as in A1111 1.10; gradio 4 via ``gr.update``).
+"""The "LoRACLR Merge" tab, for gradio 3.41.2 (A1111 1.10, reForge) and 4.40.0 (Forge).
 
+Only the API both versions share is used: components built with keyword arguments both
+accept, ``gr.update(...)`` dicts (never ``gr.X.update``), no ``.style()``; the one
+difference, the keyword naming an event's JavaScript function, goes through :func:`js`.
 Handlers are plain methods of :class:`TabHandlers` so tests can call them directly as
 well as through the built Blocks. Element ids are ``loraclr_*``.
 """
@@ -98,6 +101,20 @@ def _strength(value: Any) -> float:
         return float("nan")  # the engine's strength check reports it
 
 
+def gradio_major() -> int:
+    """Major version of the installed gradio (3 on A1111 1.10 / reForge, 4 on Forge)."""
+    import gradio as gr
+
+    return int(gr.__version__.split(".", 1)[0])
+
+
+def js(function: str) -> dict[str, str]:
+    """Event-listener keyword running the global JS ``function`` before (or instead of) the
+    Python handler: ``_js=`` in gradio 3, ``js=`` in gradio 4 (gradio 3 rejects ``js=``;
+    plain gradio 4 rejects ``_js=``, only Forge's shim renames it)."""
+    return {"js" if gradio_major() >= 4 else "_js": function}
+
+
 def _widget(spec: FieldSpec, default: Any) -> Any:
     import gradio as gr
 
@@ -177,13 +194,13 @@ def create_tab(ctx: WebuiContext) -> tuple[Any, TabHandlers]:
         run = ctx.call_queue.wrap_gradio_gpu_call(h.merge, extra_outputs=[""])
         merge.click(
             run,
-            _js="loraclrStartMerge",
             inputs=[task_id, concepts, *widgets],
             outputs=[tag, result],
-        ).then(fn=None, _js="loraclrRefreshCards").then(
+            **js("loraclrStartMerge"),
+        ).then(fn=None, **js("loraclrRefreshCards")).then(
             h.refresh, inputs=[search], outputs=[table, selector]
         )
         stop.click(h.interrupt, queue=False)
-        send.click(fn=None, _js="loraclrSendToTxt2img", inputs=[tag])
+        send.click(fn=None, inputs=[tag], **js("loraclrSendToTxt2img"))
     tab.loraclr_handlers = h
     return tab, h
