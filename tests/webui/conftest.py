@@ -1,6 +1,7 @@
-"""WebUI tests: real gradio 3.41.2 and FastAPI over stand-ins of ``modules.*``.
+"""WebUI tests: real gradio and FastAPI over stand-ins of ``modules.*``.
 
-Run in ``.ci/ui-venv`` (``.ci/run-ui``); skipped where ``import gradio`` fails.
+``.ci/run-ui`` runs them twice: in ``.ci/ui-venv`` (gradio 3.41.2, A1111 1.10 / reForge)
+and in ``.ci/ui-venv-g4`` (gradio 4.40.0, Forge). Skipped where gradio is not installed.
 """
 
 from __future__ import annotations
@@ -24,8 +25,17 @@ if HAVE_GRADIO:
             sys.path.insert(0, str(folder))
 
 
+def pytest_report_header(config):
+    if not HAVE_GRADIO:
+        return None
+    from fixtures import WEBUI_GRADIO, gradio_version
+
+    found = gradio_version()
+    return f"tests/webui: gradio {found} ({WEBUI_GRADIO.get(found, 'not a WebUI pin')})"
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "webui: WebUI tab/API tests (need gradio 3.41.2)")
+    config.addinivalue_line("markers", "webui: WebUI tab/API tests (need gradio 3.41 or 4.40)")
     config.addinivalue_line("markers", "browser: drives Debian chromium (needs playwright)")
 
 

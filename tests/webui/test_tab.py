@@ -1,5 +1,6 @@
-"""The tab with real gradio (3.41.2 and 4.40.0, one venv each): it builds, its handlers merge through the WebUI
-stand-ins, and every bad input gives its message and leaves files and weights alone."""
+"""The tab with real gradio (3.41.2 and 4.40.0, one venv each): it builds, its handlers
+merge through the WebUI stand-ins, and every bad input gives its message and leaves files
+and weights alone."""
 
 from __future__ import annotations
 
