@@ -217,7 +217,9 @@ def test_hooks_run_outside_inference_mode(forge):
     def hook(module, args, output):
         made.append(args[0].detach() @ torch.ones(args[0].shape[-1], 2))
 
-    handle = layer.encoder.layers[0].self_attn.q_proj.register_forward_hook(hook)
+    # transformers 4 keeps a text_model level, 5 does not: find the layer by its tail.
+    q_proj = next(m for n, m in layer.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+    handle = q_proj.register_forward_hook(hook)
     try:
         with host.clean_weights():
             cond = host.encode(["sks dog"])
