@@ -301,7 +301,8 @@ class A1111Host:
         Returns context ``[B, 77, C]`` (SDXL: ``crossattn``) and, for SDXL, the sgm
         ``vector`` ``[B, 2816]`` as ``pooled``. Every open_clip attention layer :meth:`modules`
         handed out runs through its hookable projections (and its MLP batch first) while
-        this runs, and only then.
+        this runs, and only then. No module is moved: under medvram / lowvram the WebUI's
+        own hooks bring the text encoder to the GPU.
         """
         if not prompts:
             raise InvalidInputError("No prompts to encode.")
@@ -348,7 +349,8 @@ class A1111Host:
         self, latents: torch.Tensor, timestep: int, cond: Conditioning
     ) -> torch.Tensor:
         """One ``apply_model`` call on ``latents`` ``[B, 4, h, w]``; returns ε or v like the
-        model does, fp32 ``[B, 4, h, w]``."""
+        model does, fp32 ``[B, 4, h, w]``. Only the latents and the conditioning are sent to
+        ``devices.device``; the UNet stays where medvram / lowvram keep it."""
         x = latents.to(self.device)
         t = torch.full((x.shape[0],), int(timestep), device=self.device, dtype=torch.long)
         with self.devices.autocast():
