@@ -160,7 +160,8 @@ def test_fp8_storage_is_dequantised(forge, tiny, tmp_path):
     result = merge(forge, "fp8")
     tensors = read(result.path)
     assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
-    # fp8 moves the base weights a little; the merge stays close to the fp32 one.
+    # The K/V inputs come from the conditioning, not from these weights, so fp8 storage
+    # may only move the result through W0 in the solver (measured: not at all).
     reference = read(standalone_merge(forge, tiny["host"], tmp_path))
     assert worst_difference(tensors, reference) < 0.1
 
