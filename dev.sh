@@ -2,7 +2,7 @@
 # One entry point for a fresh machine: installs what the project needs, then runs it.
 #   ./dev.sh demo          self-contained demo merge on a tiny built-in model
 #   ./dev.sh test [ARGS]   the whole test suite: core, then the WebUI tab in a gradio 3.41.2
-#                          venv (extra ARGS go to pytest)
+#                          venv and a gradio 4.40.0 (Forge) venv (extra ARGS go to pytest)
 #   ./dev.sh bench         solver benchmark (python -m bench.solver), then the pipeline one
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,7 +26,7 @@ case "${1:-}" in
         "$PY" -m ruff check .
         "$PY" -m ruff format --check .
         "$PY" -m pytest "$@"
-        # The WebUI tab needs gradio 3.41.2 (numpy 1.x), kept in its own venv.
+        # The WebUI tab under gradio 3.41.2 and 4.40.0 (numpy 1.x), each in its own venv.
         PYTHON="$PY" .ci/run-ui "$@"
         ;;
     bench)
