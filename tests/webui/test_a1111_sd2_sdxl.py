@@ -377,7 +377,10 @@ def _previous_generation(model) -> tuple[SimpleNamespace, list[torch.nn.Module]]
     touched.append(model.model.diffusion_model.get_submodule("middle_block.1.proj_in"))
     if model.is_sdxl:
         clip_l = model.conditioner.embedders[0].wrapped.transformer
-        touched.append(clip_l.get_submodule("encoder.layers.0.self_attn.q_proj"))
+        # by suffix: transformers 4 keeps a ``text_model.`` level that 5 drops
+        touched.append(
+            next(m for n, m in clip_l.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+        )
     with torch.no_grad():
         for module in touched:
             if isinstance(module, torch.nn.MultiheadAttention):
