@@ -160,3 +160,22 @@ def forget_cached_loras(sd_model: Any, networks: Any) -> None:
         cache.cache_clear()
     if hasattr(sd_model, "current_lora_hash"):
         sd_model.current_lora_hash = str([])
+    _invalidate_merged_patches(sd_model)
+
+
+STALE_PATCHES = "loraclr: re-merge on next load"
+"""A ``LoraLoader.loaded_hash`` no patch set has, so the next load re-merges."""
+
+
+def _invalidate_merged_patches(sd_model: Any) -> None:
+    """New Forge's ``LoraLoader`` (one per model) skips re-merging when the loaded patch
+    set has the same keys, and a key is ``(filename, strengths, online)``: a generation
+    with a LoRA rewritten under the same name would keep the old weights merged (seen in
+    a real Forge). Its next ``refresh`` restores the backed-up weights first, so marking
+    the loaded set stale is safe and costs one re-merge."""
+    original = getattr(sd_model, "forge_objects_original", None)
+    clip = getattr(original, "clip", None)
+    for patcher in (getattr(original, "unet", None), getattr(clip, "patcher", None)):
+        loader = getattr(patcher, "lora_loader", None)
+        if loader is not None and hasattr(loader, "loaded_hash"):
+            loader.loaded_hash = STALE_PATCHES

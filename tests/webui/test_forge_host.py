@@ -205,6 +205,24 @@ def test_saving_forgets_cached_loras(forge, tiny):
     assert cache.cache_info().currsize == 1
 
 
+def test_same_name_remerge_is_used_by_the_next_generation(forge):
+    """A generation used ``duo``; ``duo`` is merged again (overwrite); the next generation
+    with ``duo`` must merge the new patches, not keep the old ones: Forge's LoraLoader
+    skips re-merging a patch set whose keys (file name, strengths) are unchanged."""
+    engine = loaded(forge)
+    text = engine.forge_objects_original.clip.cond_stage_model
+    unet, clip = lora_patches(engine)
+    key = next(iter(clip))
+    clean = text.get_parameter(key).detach().clone()
+    engine.generate_with_lora("duo.safetensors", unet, clip)
+    merge(forge, "duo", overwrite=True)
+    new_unet = {k: 2 * v for k, v in unet.items()}
+    new_clip = {k: 2 * v for k, v in clip.items()}
+    engine.generate_with_lora("duo.safetensors", new_unet, new_clip)
+    expected = clean + new_clip[key]
+    assert float((text.get_parameter(key) - expected).abs().max()) < 1e-6
+
+
 def test_hooks_run_outside_inference_mode(forge):
     """Forge conditions under ``@torch.inference_mode()``; tensors the merge's hooks make
     there must stay usable by the solver's autograd refinement."""
