@@ -340,12 +340,21 @@ def _temp_path(final: Path) -> Path:
     return Path(name)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it
+    os.umask(mask)
+    return mask
+
+
 def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
     """Move ``tmp`` to ``final`` atomically; without ``overwrite`` never replace a file.
 
     A hard link fails if ``final`` exists, which closes the gap between checking and
-    renaming; file systems without hard links fall back to check-then-rename.
+    renaming; file systems without hard links fall back to check-then-rename. The file
+    gets the permissions a plainly created one would: ``mkstemp`` and safetensors leave
+    it owner-only, which hides the LoRA from a WebUI or a share running as another user.
     """
+    os.chmod(tmp, 0o666 & ~_umask())
     if overwrite:
         os.replace(tmp, final)
         return

@@ -399,3 +399,16 @@ def test_diffusers_converts_written_file_with_no_key_left(tmp_path: Path) -> Non
         delta = factors[ref].dense()
         assert float((product - delta).norm() / delta.norm()) < 1e-6
     assert seen == set(factors)
+
+
+def test_written_files_get_the_umask_permissions(tmp_path: Path) -> None:
+    """Not mkstemp's owner-only 0600: the WebUI may run as another user."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = write_lora(tmp_path / "perm.safetensors", _small(), SD1)
+    finally:
+        os.umask(old)
+    for path in (out, out.with_suffix(".json")):
+        assert path.stat().st_mode & 0o777 == 0o644, oct(path.stat().st_mode)
