@@ -44,6 +44,7 @@ import torch
 from loraclr_ext.architecture import Architecture
 from loraclr_ext.errors import InvalidInputError, LoraClrError
 from loraclr_ext.hosts.base import Conditioning, StepCallback, Tokens, iter_chunks
+from loraclr_ext.hosts.ddim import ddim_sample
 from loraclr_ext.hosts.standalone import has_text_model_level, live_text_path, weights_fingerprint
 from loraclr_ext.naming import ldm_unet_path
 from loraclr_ext.targets import Component, ModuleRef
@@ -328,14 +329,6 @@ class A1111Host:
 
     # -- denoising
 
-    def _alphas(self) -> torch.Tensor:
-        return self.sd_model.alphas_cumprod.detach().to("cpu", torch.float64)
-
-    def _eps(self, x: torch.Tensor, t: int, out: torch.Tensor, alpha: float) -> torch.Tensor:
-        if getattr(self.sd_model, "parameterization", "eps") == "v":
-            return alpha**0.5 * out + (1 - alpha) ** 0.5 * x
-        return out
-
     def _model_cond(self, cond: Conditioning) -> Any:
         """What ``apply_model`` takes: the context tensor, or SDXL's sgm dict."""
         context = cond.context.to(self.device)
@@ -366,25 +359,18 @@ class A1111Host:
         seed: int,
         callback: StepCallback | None = None,
     ) -> torch.Tensor:
-        """Deterministic DDIM (η = 0) over ``steps`` evenly spaced DDPM timesteps, no CFG;
-        CPU-generated noise, so runs agree across devices. Returns ``[B, 4, size/8, size/8]``."""
-        if steps < 1 or size < 8 or size % 8:
-            raise InvalidInputError(f"Bad sampling settings: steps={steps}, size={size}.")
-        alphas = self._alphas()
-        n = alphas.shape[0]
-        timesteps = torch.linspace(n - 1, 0, steps).round().long().tolist()
-        gen = torch.Generator("cpu").manual_seed(seed)
-        x = torch.randn((cond.context.shape[0], 4, size // 8, size // 8), generator=gen).double()
-        for i, t in enumerate(timesteps):
-            a = float(alphas[t])
-            a_prev = float(alphas[timesteps[i + 1]]) if i + 1 < steps else 1.0
-            out = self.predict_noise(x.float(), t, cond).double().cpu()
-            eps = self._eps(x, t, out, a)
-            x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
-            x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
-            if callback is not None:
-                callback(i, steps)
-        return x.float()
+        """The shared recording run (:func:`ddim_sample`) through ``apply_model``; returns
+        ``[B, 4, size/8, size/8]``."""
+        return ddim_sample(
+            lambda x, t: self.predict_noise(x, t, cond),
+            self.sd_model.alphas_cumprod,
+            cond.context.shape[0],
+            steps=steps,
+            size=size,
+            seed=seed,
+            v_prediction=getattr(self.sd_model, "parameterization", "eps") == "v",
+            callback=callback,
+        )
 
     # -- weight guard
 

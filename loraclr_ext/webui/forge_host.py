@@ -31,6 +31,7 @@ import torch
 from loraclr_ext.architecture import Architecture
 from loraclr_ext.errors import InvalidInputError, LoraClrError
 from loraclr_ext.hosts.base import Conditioning, StepCallback, Tokens, iter_chunks
+from loraclr_ext.hosts.ddim import ddim_sample
 from loraclr_ext.hosts.standalone import has_text_model_level, live_text_path, weights_fingerprint
 from loraclr_ext.naming import ldm_unet_path
 from loraclr_ext.targets import ModuleRef
@@ -364,25 +365,17 @@ class PatcherHost:
         seed: int,
         callback: StepCallback | None = None,
     ) -> torch.Tensor:
-        """Deterministic DDIM (η = 0) over ``steps`` evenly spaced DDPM timesteps, no CFG,
-        CPU-seeded noise — the same run as the A1111 host's."""
-        if steps < 1 or size < 8 or size % 8:
-            raise InvalidInputError(f"Bad sampling settings: steps={steps}, size={size}.")
-        _, alphas = self._schedule()
-        n = alphas.shape[0]
-        timesteps = torch.linspace(n - 1, 0, steps).round().long().tolist()
-        gen = torch.Generator("cpu").manual_seed(seed)
-        x = torch.randn((cond.context.shape[0], 4, size // 8, size // 8), generator=gen).double()
-        for i, t in enumerate(timesteps):
-            a = float(alphas[t])
-            a_prev = float(alphas[timesteps[i + 1]]) if i + 1 < steps else 1.0
-            out = self._raw_output(x.float(), t, cond, size).double()
-            eps = a**0.5 * out + (1 - a) ** 0.5 * x if self._v_prediction() else out
-            x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
-            x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
-            if callback is not None:
-                callback(i, steps)
-        return x.float()
+        """The shared recording run (:func:`ddim_sample`), the same as the A1111 host's."""
+        return ddim_sample(
+            lambda x, t: self._raw_output(x, t, cond, size),
+            self._schedule()[1],
+            cond.context.shape[0],
+            steps=steps,
+            size=size,
+            seed=seed,
+            v_prediction=self._v_prediction(),
+            callback=callback,
+        )
 
     # -- weight guard
 
