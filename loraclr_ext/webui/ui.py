@@ -57,13 +57,20 @@ class TabHandlers:
 
     # -- merge
 
-    def merge(self, task_id: str, rows: Any, *values: Any) -> tuple[str, str]:
+    def merge(
+        self, task_id: str, selected: list[str] | None, rows: Any, *values: Any
+    ) -> tuple[str, str]:
         """Run one merge; returns (prompt tag, result HTML). Never raises for bad input:
-        the message goes to the panel and nothing is written."""
+        the message goes to the panel and nothing is written.
+
+        The ticked LoRAs decide what is merged: the concept table is reconciled with them
+        first, because a quick second tick can reach the table after Merge was pressed
+        (seen in a real A1111: two ticked, one row, "select at least two")."""
         try:
             options = parse_options(self.ctx, self.option_values(values))
             concepts = [
-                ConceptRow(str(r[0]), str(r[1] or ""), _strength(r[2])) for r in _rows(rows)
+                ConceptRow(str(r[0]), str(r[1] or ""), _strength(r[2]))
+                for r in self.select(selected, rows)
             ]
             result = self.ctx.merge(concepts, options)
         except Exception as exc:  # every failure becomes a panel message
@@ -190,11 +197,13 @@ def create_tab(ctx: WebuiContext) -> tuple[Any, TabHandlers]:
 
         search.change(h.list_html, inputs=[search], outputs=[table], queue=False)
         refresh.click(h.refresh, inputs=[search], outputs=[table, selector])
-        selector.change(h.select, inputs=[selector, concepts], outputs=[concepts])
+        # Outside the queue, like the search box: a cheap update that must not wait
+        # behind (or be merged with) the previous tick's.
+        selector.change(h.select, inputs=[selector, concepts], outputs=[concepts], queue=False)
         run = ctx.call_queue.wrap_gradio_gpu_call(h.merge, extra_outputs=[""])
         merge.click(
             run,
-            inputs=[task_id, concepts, *widgets],
+            inputs=[task_id, selector, concepts, *widgets],
             outputs=[tag, result],
             **js("loraclrStartMerge"),
         ).then(fn=None, **js("loraclrRefreshCards")).then(

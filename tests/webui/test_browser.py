@@ -154,10 +154,12 @@ def test_tab_in_chromium_merges_and_shows_report(webui, served, page):
     page.locator("#loraclr_list table.loraclr-list").wait_for()
 
     # Tick two LoRAs in the multiselect; the concept rows fill with their triggers.
-    for name in ("sks_dog", "zwx_cat"):
-        tick(page, "loraclr_select", name)
+    # Each row is awaited before the next tick, as a user sees it appear; the merge itself
+    # follows the ticks even if a row lags (test_tab.py).
     rows = table_rows(page.locator("#loraclr_concepts"))
-    rows.get_by_text("zwx cat").wait_for()
+    for name, trigger in (("sks_dog", "sks dog"), ("zwx_cat", "zwx cat")):
+        tick(page, "loraclr_select", name)
+        rows.get_by_text(trigger).first.wait_for()
     assert rows.count() == 2
 
     # Edit the first concept prompt in the dataframe.

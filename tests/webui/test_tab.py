@@ -44,11 +44,13 @@ def values(**overrides):
 ROWS = [["sks_dog", "sks dog", 1.0], ["zwx_cat", "zwx cat", 1.0]]
 
 
-def run(ctx, rows, **overrides):
-    """Call the merge the way the Merge button does (through wrap_gradio_gpu_call)."""
+def run(ctx, rows, selected=None, **overrides):
+    """Call the merge the way the Merge button does (through wrap_gradio_gpu_call); the
+    ticked LoRAs are the rows' unless ``selected`` says otherwise."""
     _, h = tab(ctx)
     wrapped = ctx.call_queue.wrap_gradio_gpu_call(h.merge, extra_outputs=[""])
-    return wrapped("task(test)", rows, *values(**overrides))
+    ticked = [r[0] for r in rows] if selected is None else selected
+    return wrapped("task(test)", ticked, rows, *values(**overrides))
 
 
 def test_script_registers_tab_settings_and_routes(webui):
@@ -158,6 +160,17 @@ def test_merge_writes_file_sidecar_report_and_refreshes(webui):
     assert webui["shared"].state.begun == 1  # ran as a WebUI job under the queue lock
     assert webui["model"].apply_calls > 0
     assert fingerprint(webui["model"]) == before
+
+
+def test_merge_follows_the_ticked_loras_when_the_table_lags(webui):
+    """Two LoRAs ticked, the second row not yet in the table: both are merged (the new
+    row with its metadata triggers); an unticked row is left out."""
+    tag, html = run(webui["ctx"], ROWS[:1], selected=["sks_dog", "zwx_cat"], output="lag")
+    assert tag == "<lora:lag:1>, sks dog, zwx cat", unescape(html)
+    assert (webui["dir"] / "lag.safetensors").is_file()
+    three = [*ROWS, ["qpr_castle", "qpr castle", 1.0]]
+    tag, _ = run(webui["ctx"], three, selected=["sks_dog", "qpr_castle"], output="two")
+    assert tag == "<lora:two:1>, sks dog, qpr castle"
 
 
 BAD = [
