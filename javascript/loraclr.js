@@ -69,5 +69,5 @@ function loraclrSendToTxt2img(tag) {
         loraclrSetValue(box, box.value ? box.value.replace(/[\s,]*$/, ", ") + tag : tag);
     }
     loraclrShowTab("txt2img");
-    return [tag];
+    return [];  // the event has no outputs; gradio 3 fails on a value with nowhere to go
 }

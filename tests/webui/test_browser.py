@@ -205,3 +205,7 @@ def test_tab_in_chromium_merges_and_shows_report(webui, served, page):
     expect_value(echo, sent)
     assert page.locator("#txt2img_prompt textarea").input_value() == sent
     assert page.locator("#tab_loraclr_merge").is_hidden()
+    # No script error on the way (gradio 3 threw one when Send returned a value to an event
+    # without outputs).
+    errors = [line for line in page.console_lines if line.startswith("pageerror")]
+    assert not errors, errors
