@@ -38,6 +38,8 @@ from loraclr_ext.targets import ModuleRef
 from loraclr_ext.webui.host_kind import forge_architecture
 
 ENCODE_CHUNK = 16
+CLIP_TOKENS = 77
+"""Tokens per CLIP pass: BOS, 75 prompt tokens, EOS/padding."""
 TEXT_KEYS: dict[Architecture, dict[str, str]] = {
     Architecture.SD1: {"te1": "clip_l"},
     Architecture.SD2: {"te1": "clip_h"},
@@ -263,8 +265,18 @@ class PatcherHost:
 
     def tokenize(self, prompts: list[str]) -> Tokens:
         tok = self.tokenizer
-        ids = tok(prompts, padding=False, truncation=True, max_length=tok.model_max_length)
-        return Tokens(ids=[list(map(int, x)) for x in ids.input_ids], length=tok.model_max_length)
+        length = self._chunk_length()
+        ids = tok(prompts, padding=False, truncation=True, max_length=length)
+        return Tokens(ids=[list(map(int, x)) for x in ids.input_ids], length=length)
+
+    def _chunk_length(self) -> int:
+        """Tokens per text-encoder pass (77 for CLIP): the first encoder's position
+        count. The tokenizer's ``model_max_length`` cannot be trusted: reForge's
+        ldm_patched tokenizer files say 8192 (seen in a real reForge)."""
+        for name, module in self.text["te1"].named_modules():
+            if name.endswith("position_embedding") and hasattr(module, "num_embeddings"):
+                return int(module.num_embeddings)
+        return min(int(self.tokenizer.model_max_length), CLIP_TOKENS)
 
     def _pooled_width(self) -> int:
         projection = getattr(self.text.get("te2"), "text_projection", None)
@@ -278,7 +290,7 @@ class PatcherHost:
         if not prompts:
             raise InvalidInputError("No prompts to encode.")
         condition = without_grad_decorator(self.sd_model.get_learned_conditioning)
-        length = int(self.tokenizer.model_max_length)
+        length = self._chunk_length()
         contexts: list[torch.Tensor] = []
         pooled: list[torch.Tensor] = []
         for chunk in iter_chunks(list(prompts), ENCODE_CHUNK):

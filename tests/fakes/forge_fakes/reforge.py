@@ -4,6 +4,7 @@ restore them when a clone is unloaded, and ``ldm_patched.modules.model_managemen
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +126,14 @@ class SDClipModel(torch.nn.Module):
         self.transformer = transformer
 
 
+def comfy_tokenizer(tok: Any) -> Any:
+    """The HF tokenizer as ldm_patched loads it: its tokenizer_config says
+    ``model_max_length`` 8192, not CLIP's 77 (the chunking is done by ``SDTokenizer``)."""
+    twin = copy.deepcopy(tok)
+    twin.model_max_length = 8192
+    return twin
+
+
 class ComfyCLIP:
     """ComfyUI ``CLIP``: ``cond_stage_model`` with ``clip_l`` / ``clip_h`` / ``clip_g``
     attributes, ``tokenizer.<key>.tokenizer`` (HF), ``patcher``."""
@@ -135,7 +144,8 @@ class ComfyCLIP:
             self.cond_stage_model.add_module(key, SDClipModel(model))
         self.tokenizer = type("SD1Tokenizer", (), {})()
         for key, tok in parts.tokenizers.items():
-            setattr(self.tokenizer, key, type("SDTokenizer", (), {"tokenizer": tok})())
+            comfy = {"tokenizer": comfy_tokenizer(tok), "max_length": 77}
+            setattr(self.tokenizer, key, type("SDTokenizer", (), comfy)())
         self.patcher = ComfyPatcher(self.cond_stage_model)
 
     def clone(self) -> ComfyCLIP:
@@ -174,7 +184,8 @@ class FakeReforgeModel(torch.nn.Module):
         base = BaseModel(parts)
         self.model = DiffusionWrapper(base.diffusion_model)
         clip = ComfyCLIP(parts)
-        self.cond_stage_model = CondStage(next(iter(parts.tokenizers.values())))
+        first = next(iter(parts.tokenizers))
+        self.cond_stage_model = CondStage(getattr(clip.tokenizer, first).tokenizer)
         self.register_buffer("alphas_cumprod", parts.alphas_cumprod.clone())
         self.forge_objects = ForgeObjects(ComfyPatcher(base), clip)
         self.forge_objects_original = self.forge_objects.shallow_copy()
