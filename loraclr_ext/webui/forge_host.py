@@ -21,6 +21,7 @@ Forge keeps the UNet, the schedule and the dtypes.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from loraclr_ext.naming import ldm_unet_path
 from loraclr_ext.targets import ModuleRef
 from loraclr_ext.webui.host_kind import forge_architecture
 
+log = logging.getLogger("loraclr")
 ENCODE_CHUNK = 16
 CLIP_TOKENS = 77
 """Tokens per CLIP pass: BOS, 75 prompt tokens, EOS/padding."""
@@ -420,11 +422,23 @@ class PatcherHost:
     def clean_weights(self) -> Iterator[None]:
         """Load the clean original patchers (restores LoRA-merged weights), point
         ``sd_model.forge_objects`` at a copy of them, run; then reload what was loaded and
-        restore ``forge_objects`` (also on error). Raises if a weight ended up changed."""
+        restore ``forge_objects`` (also on error). Raises if a weight ended up changed.
+
+        One exception: weights already out of step with their loaded patcher (see
+        :func:`out_of_step`) are left as that patcher defines them, which is what the
+        host's next load would do anyway; they are checked to be in step instead."""
         models = self._models()
         before = [weights_fingerprint(m) for m in models]
         previous = self.sd_model.forge_objects
         reload = self._reload_after(previous)
+        stale = [p for p in reload if out_of_step(p)]
+        if stale:
+            log.info(
+                "%s: %d loaded patcher(s) did not match the weights (a LoRA of an earlier "
+                "generation); they are re-applied after the merge",
+                self.host_label,
+                len(stale),
+            )
         try:
             self.sd_model.forge_objects = self.original.shallow_copy()
             self.memory.load_models_gpu(self._patchers())
@@ -437,13 +451,33 @@ class PatcherHost:
             changed = [
                 type(m).__name__
                 for m, fp in zip(models, before, strict=True)
-                if weights_fingerprint(m) != fp
+                if weights_fingerprint(m) != fp and not any(_inside(m, p.model) for p in stale)
             ]
+            changed += [type(p.model).__name__ for p in stale if out_of_step(p)]
             if changed:
                 raise LoraClrError(
                     f"Weights of {', '.join(changed)} changed during the merge; generate once "
                     f"or reload the checkpoint in {self.host_label} before trusting results."
                 )
+
+
+def out_of_step(patcher: Any) -> bool:
+    """The model's weights carry another patch set than ``patcher`` defines.
+
+    ldm_patched (reForge) records the applied set on the model
+    (``current_weight_patches_uuid``); a real reForge was seen listing its clean CLIP
+    patcher as loaded while the weights still held the previous generation's LoRA.
+    Loading the patcher again fixes that, so its weights cannot be restored bit for bit.
+    Patchers without that bookkeeping (new Forge) are never out of step here.
+    """
+    model = getattr(patcher, "model", None)
+    if not hasattr(model, "current_weight_patches_uuid") or not hasattr(patcher, "patches_uuid"):
+        return False
+    return model.current_weight_patches_uuid != patcher.patches_uuid
+
+
+def _inside(module: torch.nn.Module, root: Any) -> bool:
+    return isinstance(root, torch.nn.Module) and any(m is module for m in root.modules())
 
 
 class ForgeHost(PatcherHost):

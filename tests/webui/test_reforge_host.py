@@ -84,6 +84,31 @@ def test_lora_left_merged_gives_clean_merge_and_is_merged_again(reforge):
     assert torch.equal(layer.weight, merged_weight)
 
 
+def test_weights_out_of_step_with_the_loaded_patcher(reforge):
+    """Seen in a real reForge after merge -> generation -> merge: the clean original CLIP
+    patcher is listed as loaded while the weights still carry the previous generation's
+    LoRA. The merge must still run on clean weights, write its file, and leave the
+    weights as the loaded patchers define them (not fail on the changed fingerprint)."""
+    from forge_fakes.reforge import LoadedModel
+
+    clean = read(merge(reforge, "clean").path)
+    model, memory = reforge.model, reforge.memory
+    unet, clip = lora_patches(model)
+    model.generate_with_lora("other.safetensors", unet, clip)
+    original = model.forge_objects_original.clip.patcher
+    memory.current_loaded_models = [
+        LoadedModel(original) if e.model.is_clone(original) else e
+        for e in memory.current_loaded_models
+    ]
+    text = original.model
+    assert text.current_weight_patches_uuid != original.patches_uuid  # out of step
+    again = read(merge(reforge, "again").path)
+    assert worst_difference(again, clean) < 1e-6
+    assert text.current_weight_patches_uuid == original.patches_uuid  # in step again
+    loaded = {id(e.model) for e in memory.current_loaded_models}
+    assert id(original) in loaded and id(model.forge_objects_after_applying_lora.unet) in loaded
+
+
 def test_error_mid_merge_restores_everything(reforge):
     model = reforge.model
     unet, clip = lora_patches(model)

@@ -5,6 +5,7 @@ restore them when a clone is unloaded, and ``ldm_patched.modules.model_managemen
 from __future__ import annotations
 
 import copy
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,19 +19,27 @@ CPU = torch.device("cpu")
 
 
 class ComfyPatcher:
-    """``ldm_patched.modules.model_patcher.ModelPatcher``: ``patches`` per parameter key,
-    ``patch_model`` backs the weights up and merges, ``unpatch_model`` restores them."""
+    """``ldm_patched.modules.model_patcher.ModelPatcher`` (reForge ``main``): ``patches``
+    per parameter key under a ``patches_uuid`` (new on every ``add_patches``); clones
+    share one ``backup`` dict; the model records which patch set its weights carry
+    (``current_weight_patches_uuid``), and loading a patcher whose set differs restores
+    the backup before merging its own."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.patches: dict[str, list[tuple[float, torch.Tensor, float]]] = {}
         self.backup: dict[str, torch.Tensor] = {}
+        self.patches_uuid = uuid.uuid4()
         self.load_device = CPU
         self.offload_device = CPU
+        if not hasattr(model, "current_weight_patches_uuid"):
+            model.current_weight_patches_uuid = None
 
     def clone(self) -> ComfyPatcher:
         twin = ComfyPatcher(self.model)
         twin.patches = {k: list(v) for k, v in self.patches.items()}
+        twin.backup = self.backup
+        twin.patches_uuid = self.patches_uuid
         return twin
 
     def is_clone(self, other: Any) -> bool:
@@ -41,6 +50,7 @@ class ComfyPatcher:
         kept = [k for k in patches if k in known]
         for key in kept:
             self.patches.setdefault(key, []).append((strength_patch, patches[key], strength_model))
+        self.patches_uuid = uuid.uuid4()
         return kept
 
     def model_dtype(self) -> torch.dtype:
@@ -48,6 +58,11 @@ class ComfyPatcher:
 
     @torch.no_grad()
     def patch_model(self) -> None:
+        current = self.model.current_weight_patches_uuid
+        if current == self.patches_uuid:
+            return
+        if current is not None:
+            self.unpatch_model()
         for key, items in self.patches.items():
             param = self.model.get_parameter(key)
             self.backup.setdefault(key, param.detach().clone())
@@ -55,12 +70,14 @@ class ComfyPatcher:
             for strength_patch, delta, strength_model in items:
                 weight = strength_model * weight + strength_patch * delta.float()
             _set_param(self.model, key, weight.to(param.dtype))
+        self.model.current_weight_patches_uuid = self.patches_uuid
 
     @torch.no_grad()
     def unpatch_model(self) -> None:
         for key, weight in self.backup.items():
             _set_param(self.model, key, weight)
-        self.backup = {}
+        self.backup.clear()
+        self.model.current_weight_patches_uuid = None
 
 
 @dataclass
@@ -69,8 +86,9 @@ class LoadedModel:
 
 
 class ModelManagement:
-    """``ldm_patched.modules.model_management``: loading a patcher unloads (unpatches)
-    its loaded clones, then patches it."""
+    """``ldm_patched.modules.model_management``: loading a patcher drops its loaded clones
+    (itself included) from the list without unpatching them, then loads it, which
+    re-patches only if the weights carry another patch set."""
 
     def __init__(self) -> None:
         self.current_loaded_models: list[LoadedModel] = []
@@ -82,11 +100,9 @@ class ModelManagement:
     def load_models_gpu(self, models, memory_required=0, force_patch_weights=False) -> None:
         self.load_calls += 1
         for patcher in models:
-            if any(e.model is patcher for e in self.current_loaded_models):
-                continue
-            for entry in [e for e in self.current_loaded_models if e.model.is_clone(patcher)]:
-                entry.model.unpatch_model()
-                self.current_loaded_models.remove(entry)
+            self.current_loaded_models = [
+                e for e in self.current_loaded_models if not e.model.is_clone(patcher)
+            ]
             patcher.patch_model()
             self.current_loaded_models.insert(0, LoadedModel(patcher))
 
