@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from sd_model import _attach  # the A1111 fakes' helper: ldm names over diffusers leaves
 
 from loraclr_ext.architecture import Architecture
 from loraclr_ext.errors import InvalidInputError
@@ -52,16 +53,6 @@ def forgeify(root: torch.nn.Module) -> torch.nn.Module:
 
 
 _LEAVES = (ForgeLinear, torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
-
-
-def _attach(root: torch.nn.Module, path: str, leaf: torch.nn.Module) -> None:
-    *parents, last = path.split(".")
-    node = root
-    for part in parents:
-        if part not in node._modules:
-            node.add_module(part, torch.nn.Module())
-        node = node._modules[part]
-    node.add_module(last, leaf)
 
 
 class LdmUNet(torch.nn.Module):
