@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,14 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     for s in stats:
         digest.update(struct.pack(f"{s.numel()}d", *s.tolist()))
     return digest.hexdigest()
+
+
+def changed_weights(
+    models: Sequence[torch.nn.Module], before: Sequence[str]
+) -> list[torch.nn.Module]:
+    """The ``models`` whose :func:`weights_fingerprint` is no longer ``before`` (same order):
+    what every host's ``clean_weights`` checks on exit."""
+    return [m for m, fp in zip(models, before, strict=True) if weights_fingerprint(m) != fp]
 
 
 # ------------------------------------------------------------------------- architecture
@@ -420,11 +428,7 @@ class StandaloneHost:
         finally:
             for m in peft:
                 m.enable_adapters()
-            changed = [
-                type(m).__name__
-                for m, fp in zip(models, before, strict=True)
-                if weights_fingerprint(m) != fp
-            ]
+            changed = [type(m).__name__ for m in changed_weights(models, before)]
             if changed:
                 raise LoraClrError(
                     f"Base weights of {', '.join(changed)} changed during the merge; the "

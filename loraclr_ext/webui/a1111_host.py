@@ -45,7 +45,12 @@ from loraclr_ext.architecture import Architecture
 from loraclr_ext.errors import InvalidInputError, LoraClrError
 from loraclr_ext.hosts.base import Conditioning, StepCallback, Tokens, iter_chunks
 from loraclr_ext.hosts.ddim import ddim_sample
-from loraclr_ext.hosts.standalone import has_text_model_level, live_text_path, weights_fingerprint
+from loraclr_ext.hosts.standalone import (
+    changed_weights,
+    has_text_model_level,
+    live_text_path,
+    weights_fingerprint,
+)
 from loraclr_ext.naming import ldm_unet_path
 from loraclr_ext.targets import Component, ModuleRef
 from loraclr_ext.webui.fused_attention import (
@@ -64,6 +69,9 @@ _TEXT_PATH = re.compile(
 _OPEN_CLIP_MLP = {"fc1": "c_fc", "fc2": "c_proj"}
 
 
+NO_MODEL = "No checkpoint is loaded; pick one in the Stable Diffusion checkpoint menu first."
+
+
 class NoModelError(LoraClrError):
     """No checkpoint is loaded in the WebUI."""
 
@@ -76,9 +84,7 @@ def model_architecture(sd_model: Any) -> Architecture:
         InvalidInputError: SD3, SSD-1B or an inpainting / instruct (``c_concat``) model.
     """
     if sd_model is None:
-        raise NoModelError(
-            "No checkpoint is loaded; pick one in the Stable Diffusion checkpoint menu first."
-        )
+        raise NoModelError(NO_MODEL)
     if getattr(sd_model, "is_sd3", False) or getattr(sd_model, "is_ssd", False):
         raise InvalidInputError(
             "The loaded checkpoint (SD3 / SSD-1B) is not supported; load an SD 1.x, SD 2.x "
@@ -384,17 +390,14 @@ class A1111Host:
         Afterwards every UNet / text-encoder weight is bit-identical to before (checked by
         fingerprint), also after an error or an interrupt.
         """
-        before = [weights_fingerprint(m) for m in self._models()]
+        models = self._models()
+        before = [weights_fingerprint(m) for m in models]
         saved, loaded = self._unmerge_host_loras()
         try:
             yield
         finally:
             self._remerge(saved, loaded)
-            changed = [
-                type(m).__name__
-                for m, fp in zip(self._models(), before, strict=True)
-                if weights_fingerprint(m) != fp
-            ]
+            changed = [type(m).__name__ for m in changed_weights(models, before)]
             if changed:
                 raise LoraClrError(
                     f"Weights of {', '.join(changed)} changed during the merge; restart the "

@@ -33,7 +33,12 @@ from loraclr_ext.architecture import Architecture
 from loraclr_ext.errors import InvalidInputError, LoraClrError
 from loraclr_ext.hosts.base import Conditioning, StepCallback, Tokens, iter_chunks
 from loraclr_ext.hosts.ddim import ddim_sample
-from loraclr_ext.hosts.standalone import has_text_model_level, live_text_path, weights_fingerprint
+from loraclr_ext.hosts.standalone import (
+    changed_weights,
+    has_text_model_level,
+    live_text_path,
+    weights_fingerprint,
+)
 from loraclr_ext.naming import ldm_unet_path
 from loraclr_ext.targets import ModuleRef
 from loraclr_ext.webui.host_kind import forge_architecture
@@ -185,6 +190,7 @@ class PatcherHost:
         self.unet: torch.nn.Module = self._unet_module()
         self.text: dict[str, torch.nn.Module] = self._text_modules()
         self.tokenizer = self._tokenizer()
+        self.chunk_length = self._chunk_length()
         get_device = getattr(memory, "get_torch_device", None)
         self.device = torch.device(get_device() if callable(get_device) else self._param_device())
         self.dtype: torch.dtype = self._compute_dtype()
@@ -267,7 +273,7 @@ class PatcherHost:
 
     def tokenize(self, prompts: list[str]) -> Tokens:
         tok = self.tokenizer
-        length = self._chunk_length()
+        length = self.chunk_length
         ids = tok(prompts, padding=False, truncation=True, max_length=length)
         return Tokens(ids=[list(map(int, x)) for x in ids.input_ids], length=length)
 
@@ -292,7 +298,7 @@ class PatcherHost:
         if not prompts:
             raise InvalidInputError("No prompts to encode.")
         condition = without_grad_decorator(self.sd_model.get_learned_conditioning)
-        length = self._chunk_length()
+        length = self.chunk_length
         contexts: list[torch.Tensor] = []
         pooled: list[torch.Tensor] = []
         for chunk in iter_chunks(list(prompts), ENCODE_CHUNK):
@@ -450,8 +456,8 @@ class PatcherHost:
                 self.sd_model.forge_objects = previous
             changed = [
                 type(m).__name__
-                for m, fp in zip(models, before, strict=True)
-                if weights_fingerprint(m) != fp and not any(_inside(m, p.model) for p in stale)
+                for m in changed_weights(models, before)
+                if not any(_inside(m, p.model) for p in stale)
             ]
             changed += [type(p.model).__name__ for p in stale if out_of_step(p)]
             if changed:

@@ -20,7 +20,7 @@ from typing import Any
 from loraclr_ext.architecture import Architecture
 from loraclr_ext.errors import InvalidInputError, LoraClrError
 from loraclr_ext.hosts.base import Host
-from loraclr_ext.webui.a1111_host import NoModelError
+from loraclr_ext.webui.a1111_host import NO_MODEL, NoModelError
 from loraclr_ext.webui.a1111_host import model_architecture as a1111_architecture
 
 FORGE_MEMORY = "backend.memory_management"
@@ -98,9 +98,7 @@ def model_architecture(sd_model: Any) -> Architecture:
         InvalidInputError: a family the merge does not support.
     """
     if not is_loaded(sd_model):
-        raise NoModelError(
-            "No checkpoint is loaded; pick one in the Stable Diffusion checkpoint menu first."
-        )
+        raise NoModelError(NO_MODEL)
     if host_kind(sd_model) is HostKind.A1111:
         return a1111_architecture(sd_model)
     return forge_architecture(sd_model)

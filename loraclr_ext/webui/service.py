@@ -18,7 +18,7 @@ from loraclr_ext.architecture import Architecture
 from loraclr_ext.errors import InvalidInputError, LoraClrError
 from loraclr_ext.options import ConceptSpec, MergeOptions
 from loraclr_ext.webui.a1111_host import NoModelError
-from loraclr_ext.webui.host_kind import forget_cached_loras, is_loaded, model_architecture
+from loraclr_ext.webui.host_kind import forget_cached_loras, model_architecture
 
 log = logging.getLogger("loraclr")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -148,11 +148,8 @@ class WebuiContext:
         Peeks without loading: the list is drawn at start-up and on every search keystroke,
         outside the queue lock, and must not load a Forge checkpoint there.
         """
-        sd_model = self.model(load=False)
-        if not is_loaded(sd_model):
-            return None
         try:
-            return model_architecture(sd_model)
+            return model_architecture(self.model(load=False))
         except LoraClrError:
             return None
 
