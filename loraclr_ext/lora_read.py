@@ -73,24 +73,29 @@ def check_container(path: Path) -> None:
 
     A safetensors file starts with an 8-byte little-endian header length followed by a
     JSON object; a torch pickle starts with a zip signature or the pickle opcode 0x80.
+    The safetensors layout is tested first: its first byte is the header length's low
+    byte, which is 0x80 for one header length in 256.
     """
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise _pickle_error(path)
+    if path.is_dir():
+        raise LoraFileError(f"{path} is a folder, not a LoRA file.")
     if not path.is_file():
-        raise LoraFileError(f"{path} does not exist or is not a file.")
+        raise LoraFileError(f"{path} does not exist.")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(9)
+    header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{" and 2 <= header_len <= size - 8
+    if looks_safetensors:
+        return
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         raise _pickle_error(path)
     if len(head) < 9:
         raise LoraFileError(f"{path} is empty or truncated ({size} bytes); download it again.")
-    (header_len,) = struct.unpack("<Q", head[:8])
-    if header_len > size - 8 or head[8:9] != b"{":
-        raise LoraFileError(
-            f"{path} is not a valid .safetensors file (corrupt or truncated header); "
-            "download it again."
-        )
+    raise LoraFileError(
+        f"{path} is not a valid .safetensors file (corrupt or truncated header); download it again."
+    )
 
 
 def read_header(path: Path) -> tuple[dict[str, Shape], dict[str, str]]:

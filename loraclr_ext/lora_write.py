@@ -30,7 +30,7 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
 
@@ -277,7 +277,7 @@ def build_metadata(
     facts = ARCH_FACTS[arch]
     ranks = [d.rank for d in factors.values() if d.rank > 0]
     conv_ranks = [d.rank for d in factors.values() if d.rank > 0 and d.kernel not in (None, (1, 1))]
-    when = (date or datetime.now(UTC)).isoformat(timespec="seconds")
+    when = (date or datetime.now(timezone.utc)).isoformat(timespec="seconds")
     meta: dict[str, str] = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": _dim_string(ranks),

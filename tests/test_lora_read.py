@@ -299,6 +299,54 @@ def test_pickles_refused(tmp_path: Path) -> None:
     assert "is a pickle" in (describe_lora(disguised).reason or "")
 
 
+def _safetensors_with_header_length(path: Path, tensors: dict, length: int) -> Path:
+    """A valid safetensors file whose JSON header is space-padded to exactly ``length``
+    bytes (the format allows trailing spaces; its own writer pads to 8-byte multiples)."""
+    header: dict = {}
+    blobs, offset = [], 0
+    for key, tensor in tensors.items():
+        blob = tensor.contiguous().numpy().tobytes()
+        header[key] = {
+            "dtype": "F32",
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= length
+    path.write_bytes(length.to_bytes(8, "little") + text.ljust(length) + b"".join(blobs))
+    return path
+
+
+def test_every_header_length_low_byte_reads_as_safetensors(tmp_path: Path) -> None:
+    """A safetensors file's first byte is its header length's low byte; 0x80 (the pickle
+    opcode) and the 255 other values must all read, with the tensors intact."""
+    tensors = _kohya(TE_Q, 768, 768, 1, 1.0, _gen())
+    base = 1024
+    for low in range(256):
+        path = _safetensors_with_header_length(
+            tmp_path / f"h{low}.safetensors", tensors, base + low
+        )
+        assert path.read_bytes()[0] == low
+        lf = read_lora(path)
+        assert TE_Q_REF in lf.deltas, low
+        assert describe_lora(path).reason is None, low
+
+
+def test_own_output_with_0x80_header_reads(tmp_path: Path) -> None:
+    """The writer's own 8-aligned header lengths hit 0x80 once in 32 metadata sizes."""
+    tensors = _kohya(TE_Q, 768, 768, 1, 1.0, _gen())
+    hit = None
+    for pad in range(300):
+        path = _save(tmp_path / f"p{pad}.safetensors", tensors, {"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            hit = path
+            break
+    assert hit is not None
+    assert TE_Q_REF in read_lora(hit).deltas
+
+
 def test_corrupt_truncated_and_nan_refused(tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
