@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from bench.measure import measure, print_table
-from loraclr_ext.architecture import Architecture
-from loraclr_ext.deltas import ModuleDelta
-from loraclr_ext.naming import module_specs
+from loraclr_ext.model.architecture import Architecture
+from loraclr_ext.model.deltas import ModuleDelta
+from loraclr_ext.model.naming import module_specs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "loraclr_ext" / "hosts" / "configs" / "sd1"
 
@@ -33,7 +33,7 @@ def build_sd15(device: torch.device):
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from loraclr_ext.hosts.tiny import _tiny_vae, build_tiny_tokenizer
+    from loraclr_ext.demo.tiny import _tiny_vae, build_tiny_tokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(
@@ -59,7 +59,7 @@ def build_sd15(device: torch.device):
 
 def write_random_loras(folder: Path, count: int, rank: int) -> list[Path]:
     """``count`` kohya LoRAs of rank ``rank`` on SD1's text and transformer modules."""
-    from loraclr_ext.lora_write import write_lora
+    from loraclr_ext.files.write import write_lora
 
     specs = [s for s in module_specs(Architecture.SD1) if s.group in ("text", "transformer")]
     paths = []
@@ -95,8 +95,8 @@ def main() -> None:
     from loraclr_ext.cli import TqdmProgress, _quiet_libraries
     from loraclr_ext.engine import run_merge
     from loraclr_ext.hosts.standalone import StandaloneHost
-    from loraclr_ext.options import ConceptSpec, MergeOptions
-    from loraclr_ext.plan import plan_merge
+    from loraclr_ext.pipeline.options import ConceptSpec, MergeOptions
+    from loraclr_ext.pipeline.plan import plan_merge
 
     _quiet_libraries()
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -170,12 +170,12 @@ def main() -> None:
 
 def _kept_features_mib(result, concepts: int, steps: int, size: int) -> float:
     """What holding every recorded input row would cost (fp16), from the row counts."""
-    from loraclr_ext.naming import module_spec
+    from loraclr_ext.model.naming import module_spec
 
     total = 0
     for layer in result.layers:
         component, path = layer.ref.split(":", 1)
-        from loraclr_ext.targets import ModuleRef
+        from loraclr_ext.model.targets import ModuleRef
 
         spec = module_spec(ModuleRef(component, path), Architecture.SD1)
         if spec is None:

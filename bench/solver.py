@@ -18,7 +18,7 @@ import torch
 
 from bench.measure import measure, print_table
 from bench.synthetic import SynthLayer, synth_layer
-from loraclr_ext.collect import down_span
+from loraclr_ext.pipeline.collect import down_span
 from loraclr_ext.solver import OFFICIAL_DEFAULTS, LayerStats, SolverSettings, solve_layer
 from loraclr_ext.solver.baselines import average, official_recipe, stacked
 from loraclr_ext.solver.objective import objective_from_features

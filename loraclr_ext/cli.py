@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from loraclr_ext import __version__
 from loraclr_ext.errors import InvalidInputError, LoraClrError
-from loraclr_ext.options import ConceptSpec, MergeOptions
+from loraclr_ext.pipeline.options import ConceptSpec, MergeOptions
 
 if TYPE_CHECKING:
     from loraclr_ext.engine import MergeResult
@@ -91,27 +91,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`MergeOptions` field (the name ``output`` is ``--out``'s stem)."""
-    from dataclasses import MISSING, fields
+    """One flag per option of the table (``output`` is ``--out``'s stem)."""
+    from loraclr_ext.pipeline.fields import option_fields
 
-    for f in fields(MergeOptions):
-        if f.name == "output":
+    types: dict[str, type] = {"int": int, "float": float, "text": str}
+    for spec in option_fields():
+        if spec.name == "output":
             continue
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not MISSING else None
-        if isinstance(default, bool):
+        flag = "--" + spec.name.replace("_", "-")
+        if spec.kind == "bool":
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+                flag, action=argparse.BooleanOptionalAction, default=spec.default, help=spec.help
             )
-        elif f.name == "rank":
-            parser.add_argument(flag, type=int, default=None, help=help_text)
-        elif f.name in ("precision", "subspace"):
-            parser.add_argument(flag, default=default, help=f"{help_text} (default {default})")
-        else:
-            parser.add_argument(
-                flag, type=type(default), default=default, help=f"{help_text} (default {default})"
-            )
+            continue
+        shown = "" if spec.default is None else f" (default {spec.default})"
+        parser.add_argument(
+            flag,
+            type=types.get(spec.kind, str),
+            default=spec.default,
+            choices=spec.choices or None,
+            help=spec.help + shown,
+        )
 
 
 def _options(args: argparse.Namespace, output: str) -> MergeOptions:
@@ -138,22 +138,23 @@ def _specs(args: argparse.Namespace) -> list[ConceptSpec]:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from loraclr_ext.engine import run_merge
-    from loraclr_ext.hosts.standalone import StandaloneHost, resolve_device
-    from loraclr_ext.plan import plan_merge, precheck
+    from loraclr_ext.engine import merge
+    from loraclr_ext.hosts.devices import resolve_device
+    from loraclr_ext.hosts.standalone import StandaloneHost
 
     specs = _specs(args)
     options = _options(args, args.out.stem)
-    precheck(specs, options, args.out)
     device = resolve_device(args.device)
-    if not args.base.exists():
-        raise InvalidInputError(f"Base model {args.base} does not exist.")
-    print(f"[LoRACLR] loading {args.base} on {device}")
-    host = StandaloneHost.load(args.base, device, tokenizer=args.tokenizer)
-    plan = plan_merge(specs, options, host.architecture, args.out, check_shapes=False)
+
+    def open_host() -> StandaloneHost:
+        if not args.base.exists():
+            raise InvalidInputError(f"Base model {args.base} does not exist.")
+        print(f"[LoRACLR] loading {args.base} on {device}")
+        return StandaloneHost.load(args.base, device, tokenizer=args.tokenizer)
+
     progress = TqdmProgress()
     try:
-        result = run_merge(plan, host, progress)
+        result = merge(specs, options, args.out, open_host, progress, check_shapes=False)
     finally:
         progress.close()
     _print_result(result, args.report)
@@ -182,7 +183,7 @@ def _print_result(result: MergeResult, report_path: Path | None) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from loraclr_ext.lora_read import describe_lora
+    from loraclr_ext.files.read import describe_lora
 
     info = describe_lora(args.file, check_shapes=False)
     data = {
@@ -206,7 +207,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from loraclr_ext.demo import run_demo
+    from loraclr_ext.demo.run import run_demo
 
     run_demo(args.workdir, TqdmProgress())
     return 0

@@ -1,31 +1,34 @@
-"""The one entry point every front end calls: plan → collect → solve → write → report.
+"""The one entry point every front end calls: check → host → plan → collect → solve →
+report → write.
 
-``run_merge`` never writes host weights (concepts are applied by hooks inside the host's
-``clean_weights`` context) and writes its output only after everything else succeeded,
-through an atomic rename; on any error or interrupt nothing is left behind.
+:func:`merge` is what the command line and the WebUI call. ``run_merge`` never writes host
+weights (concepts are applied by hooks inside the host's ``clean_weights`` context) and writes
+its output only after everything else succeeded, through an atomic rename; on any error or
+interrupt nothing is left behind.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from loraclr_ext import __version__
-from loraclr_ext.collect import collect, new_stats
-from loraclr_ext.deltas import ModuleDelta
-from loraclr_ext.errors import InvalidInputError
-from loraclr_ext.factorize import pad_rank
+from loraclr_ext.errors import InvalidInputError, OutOfMemoryMergeError
 from loraclr_ext.hosts.base import Host
-from loraclr_ext.plan import MergePlan
-from loraclr_ext.progress import Progress, SilentProgress, check_interrupt
-from loraclr_ext.quality import QualityReport, evaluate
+from loraclr_ext.model.deltas import ModuleDelta
+from loraclr_ext.model.lowrank import pad_rank
+from loraclr_ext.model.targets import ModuleRef
+from loraclr_ext.pipeline.collect import collect, new_stats
+from loraclr_ext.pipeline.options import ConceptSpec, MergeOptions
+from loraclr_ext.pipeline.plan import MergePlan, plan_merge, precheck
+from loraclr_ext.pipeline.progress import Progress, SilentProgress, check_interrupt
+from loraclr_ext.report.quality import QualityReport, evaluate
 from loraclr_ext.solver import LayerStats, SolverSettings, solve_layer
-from loraclr_ext.targets import ModuleRef
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -76,6 +79,47 @@ class MergeResult:
         """What to type in a prompt: ``<lora:NAME:1>`` plus the concepts' trigger words."""
         name = self.path.stem if self.path else "merged"
         return ", ".join([f"<lora:{name}:1>", *self.triggers])
+
+
+def merge(
+    specs: Sequence[ConceptSpec],
+    options: MergeOptions,
+    output: Path,
+    open_host: Callable[[], Host],
+    progress: Progress | None = None,
+    *,
+    check_shapes: bool = True,
+) -> MergeResult:
+    """Check the request, open the host, read the LoRAs, merge and write ``output``.
+
+    Every check that needs no model runs before ``open_host`` (which may load a checkpoint);
+    the LoRAs are read against the host's architecture before anything runs on it.
+
+    Args:
+        specs: the concepts, in order.
+        options: the user's options (``options.output`` is informational; ``output`` is the
+            file written).
+        output: the ``.safetensors`` path to write.
+        open_host: makes the host (loads or waits for the model); called once, after the
+            cheap checks.
+        progress: stage/step reporting and interrupt polling.
+        check_shapes: require real-model shapes (``False`` for miniature test models).
+
+    Raises:
+        LoraClrError: bad input (before any model work), no model, interrupt.
+        OutOfMemoryMergeError: the device ran out of memory; the message says what to lower.
+    """
+    precheck(list(specs), options, output)
+    host = open_host()
+    plan = plan_merge(list(specs), options, host.architecture, output, check_shapes=check_shapes)
+    try:
+        return run_merge(plan, host, progress)
+    except torch.OutOfMemoryError as exc:
+        raise OutOfMemoryMergeError(
+            f"Out of {host.device.type.upper()} memory during the merge (size {options.size}, "
+            f"steps {options.steps}). Lower the image size, set a target rank, or turn off the "
+            "quality report, then try again. Nothing was written."
+        ) from exc
 
 
 def run_merge(
@@ -210,7 +254,7 @@ def _write(
     triggers: list[str],
     layers: list[LayerSummary],
 ) -> Path:
-    from loraclr_ext.lora_write import write_lora
+    from loraclr_ext.files.write import write_lora
 
     recipe = {
         "version": __version__,

@@ -7,6 +7,8 @@ callers that catch ``ValueError`` / ``FileNotFoundError`` keep working.
 
 from __future__ import annotations
 
+NO_MODEL = "No checkpoint is loaded; pick one in the Stable Diffusion checkpoint menu first."
+
 
 class LoraClrError(Exception):
     """Base of every error this package raises on purpose."""
@@ -40,8 +42,19 @@ class SolverError(LoraClrError, ValueError):
     """Statistics or weights given to the solver are inconsistent (shape, NaN, empty)."""
 
 
+class NoModelError(LoraClrError):
+    """No checkpoint is loaded in the WebUI (and none is loading)."""
+
+    def __init__(self, message: str = NO_MODEL) -> None:
+        super().__init__(message)
+
+
 class MergeInterruptedError(LoraClrError):
     """The user interrupted the merge; nothing was written."""
+
+
+class OutOfMemoryMergeError(LoraClrError, MemoryError):
+    """The device ran out of memory during the merge; nothing was written."""
 
 
 class LoraClrWarning(UserWarning):

@@ -16,7 +16,7 @@ EXTENSION_DIR = scripts.basedir() or os.path.dirname(os.path.dirname(os.path.abs
 if EXTENSION_DIR not in sys.path:
     sys.path.insert(0, EXTENSION_DIR)
 
-from loraclr_ext.webui.service import SETTINGS, WebuiContext, option_default  # noqa: E402
+from loraclr_ext.ui.service import SETTINGS, WebuiContext, option_default  # noqa: E402
 
 SECTION = ("loraclr", "LoRACLR Merge")
 _context: WebuiContext | None = None
@@ -31,7 +31,7 @@ def context() -> WebuiContext:
 
 
 def on_ui_tabs():
-    from loraclr_ext.webui.ui import create_tab
+    from loraclr_ext.ui.tab import create_tab
 
     tab, _ = create_tab(context())
     return [(tab, "LoRACLR Merge", "loraclr_merge")]
@@ -64,7 +64,7 @@ def on_ui_settings() -> None:
 
 
 def on_app_started(demo, app) -> None:
-    from loraclr_ext.webui.api import mount
+    from loraclr_ext.ui.api import mount
 
     mount(app, context(), getattr(shared.cmd_opts, "api_auth", None))
 

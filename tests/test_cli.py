@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from loraclr_ext.architecture import Architecture
 from loraclr_ext.cli import main
-from loraclr_ext.demo import CONCEPTS
+from loraclr_ext.demo.run import CONCEPTS
+from loraclr_ext.model.architecture import Architecture
 
 
 def run(capsys, *argv):
@@ -55,9 +55,9 @@ def test_inspect_describes_a_lora(sd1_demo, capsys):
 
 
 def _sdxl_lora(path):
-    from loraclr_ext.deltas import ModuleDelta
-    from loraclr_ext.lora_write import write_lora
-    from loraclr_ext.targets import ModuleRef
+    from loraclr_ext.files.write import write_lora
+    from loraclr_ext.model.deltas import ModuleDelta
+    from loraclr_ext.model.targets import ModuleRef
 
     ref = ModuleRef("te2", "text_model.encoder.layers.0.self_attn.q_proj")
     write_lora(

@@ -8,14 +8,14 @@ import time
 import pytest
 import torch
 
-from loraclr_ext.architecture import Architecture
-from loraclr_ext.demo import CONCEPTS
+from loraclr_ext.demo.run import CONCEPTS
 from loraclr_ext.engine import run_merge
 from loraclr_ext.errors import MergeInterruptedError
-from loraclr_ext.hosts.standalone import weights_fingerprint
-from loraclr_ext.options import HELD_OUT_TEMPLATES, ConceptSpec, MergeOptions
-from loraclr_ext.plan import plan_merge
-from loraclr_ext.quality import _run
+from loraclr_ext.hosts.weights import weights_fingerprint
+from loraclr_ext.model.architecture import Architecture
+from loraclr_ext.pipeline.options import HELD_OUT_TEMPLATES, ConceptSpec, MergeOptions
+from loraclr_ext.pipeline.plan import plan_merge
+from loraclr_ext.report.quality import _run
 
 FAST = {"size": 64, "steps": 8}
 
@@ -136,9 +136,9 @@ def test_interrupt_leaves_nothing_and_restores_weights(sd1_demo, tmp_path):
 
 def _collection_peak_mib(host, plan):
     """Peak RSS growth (MiB) while recording features, sampled every millisecond."""
-    from loraclr_ext.collect import collect, new_stats
     from loraclr_ext.engine import flat_shape
-    from loraclr_ext.progress import SilentProgress
+    from loraclr_ext.pipeline.collect import collect, new_stats
+    from loraclr_ext.pipeline.progress import SilentProgress
 
     def rss():
         with open("/proc/self/statm") as f:
@@ -171,7 +171,7 @@ def _collection_peak_mib(host, plan):
 
 
 def test_collection_memory_does_not_grow_with_steps_or_prompts(sd1_demo, tmp_path, monkeypatch):
-    import loraclr_ext.collect as collect_module
+    import loraclr_ext.pipeline.collect as collect_module
 
     host = sd1_demo["host"]
 
@@ -200,9 +200,9 @@ def test_collection_memory_does_not_grow_with_steps_or_prompts(sd1_demo, tmp_pat
 
 def _locon_lora(host, path, seed):
     """A LoCon: 3×3 conv deltas on the UNet's resnets plus one text module."""
-    from loraclr_ext.deltas import ModuleDelta
-    from loraclr_ext.lora_write import write_lora
-    from loraclr_ext.naming import module_specs
+    from loraclr_ext.files.write import write_lora
+    from loraclr_ext.model.deltas import ModuleDelta
+    from loraclr_ext.model.naming import module_specs
 
     g = torch.Generator().manual_seed(seed)
     specs = [s for s in module_specs(Architecture.SD1) if s.group == "locon" and s.kernel == (3, 3)]

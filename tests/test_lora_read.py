@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from loraclr_ext.architecture import Architecture
-from loraclr_ext.detect import detect_architecture
 from loraclr_ext.errors import ArchitectureMismatchError, LoraFileError, UnmatchedKeysError
-from loraclr_ext.lora_read import describe_lora, read_lora, triggers_from_metadata
-from loraclr_ext.targets import ModuleRef
+from loraclr_ext.files.detect import lora_architecture
+from loraclr_ext.files.read import describe_lora, read_lora, triggers_from_metadata
+from loraclr_ext.model.architecture import Architecture
+from loraclr_ext.model.targets import ModuleRef
 
 SD1, SD2, SDXL = Architecture.SD1, Architecture.SD2, Architecture.SDXL
 TE_Q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"  # 768 -> 768 in SD1
@@ -380,18 +380,18 @@ def test_detect_architecture() -> None:
     g = _gen(12)
     sd1 = _shapes(_kohya(TE_Q, 768, 768, 2, None, g))
     sd2 = _shapes(_kohya(TE_Q, 1024, 1024, 2, None, g))
-    assert detect_architecture(sd1) is SD1
-    assert detect_architecture(sd2) is SD2
-    assert detect_architecture(_shapes(_kohya(ATTN2_K, 320, 1024, 2, None, g))) is SD2
+    assert lora_architecture(sd1) is SD1
+    assert lora_architecture(sd2) is SD2
+    assert lora_architecture(_shapes(_kohya(ATTN2_K, 320, 1024, 2, None, g))) is SD2
     xl = _shapes(
         _kohya("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", 640, 2048, 2, None, g)
     )
-    assert detect_architecture(xl) is SDXL
+    assert lora_architecture(xl) is SDXL
     late = _shapes(_kohya("lora_te_text_model_encoder_layers_20_mlp_fc2", 1024, 4096, 2, None, g))
-    assert detect_architecture(late) is SD2
+    assert lora_architecture(late) is SD2
     proj = "lora_unet_down_blocks_0_attentions_0_proj_in"
     conv_proj = {f"{proj}.lora_down.weight": (2, 32, 1, 1), f"{proj}.lora_up.weight": (32, 2, 1, 1)}
-    assert detect_architecture(conv_proj) is SD1  # only SD1 has 1x1-conv proj_in
+    assert lora_architecture(conv_proj) is SD1  # only SD1 has 1x1-conv proj_in
     # Self-attention alone says nothing; metadata decides or nobody does.
     self_attn = _shapes(
         _kohya(
@@ -403,12 +403,12 @@ def test_detect_architecture() -> None:
             g,
         )
     )
-    assert detect_architecture(self_attn) is None
-    assert detect_architecture(self_attn, {"ss_base_model_version": "sdxl_base_v1-0"}) is SDXL
-    assert detect_architecture(self_attn, {"ss_v2": "True"}) is SD2
-    assert detect_architecture(self_attn, {"ss_base_model_version": "sd_v2_v"}) is SD2
-    assert detect_architecture(self_attn, {"ss_base_model_version": "sd_v1"}) is SD1
-    assert detect_architecture(self_attn, {"ss_v2": "False"}) is None
+    assert lora_architecture(self_attn) is None
+    assert lora_architecture(self_attn, {"ss_base_model_version": "sdxl_base_v1-0"}) is SDXL
+    assert lora_architecture(self_attn, {"ss_v2": "True"}) is SD2
+    assert lora_architecture(self_attn, {"ss_base_model_version": "sd_v2_v"}) is SD2
+    assert lora_architecture(self_attn, {"ss_base_model_version": "sd_v1"}) is SD1
+    assert lora_architecture(self_attn, {"ss_v2": "False"}) is None
 
 
 def test_undecidable_file_reads_with_architecture_none(tmp_path: Path) -> None:

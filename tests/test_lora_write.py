@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from loraclr_ext import lora_write
-from loraclr_ext.architecture import Architecture
-from loraclr_ext.deltas import ModuleDelta
 from loraclr_ext.errors import InvalidInputError, OutputExistsError
-from loraclr_ext.lora_read import read_lora
-from loraclr_ext.lora_write import validate_output_name, write_lora
-from loraclr_ext.naming import module_specs
-from loraclr_ext.targets import ModuleRef
+from loraclr_ext.files import write as lora_write
+from loraclr_ext.files.read import read_lora
+from loraclr_ext.files.write import validate_output_name, write_lora
+from loraclr_ext.model.architecture import Architecture
+from loraclr_ext.model.deltas import ModuleDelta
+from loraclr_ext.model.naming import module_specs
+from loraclr_ext.model.targets import ModuleRef
 
 SD1, SD2, SDXL = Architecture.SD1, Architecture.SD2, Architecture.SDXL
 PROJ_IN = ModuleRef("unet", "down_blocks.0.attentions.0.proj_in")
@@ -351,8 +351,8 @@ def test_diffusers_converts_written_file_with_no_key_left(tmp_path: Path) -> Non
     pipeline and carries exactly the delta we wrote."""
     from diffusers import StableDiffusionPipeline
 
-    from loraclr_ext.hosts.tiny import build_tiny_pipeline
-    from loraclr_ext.naming import parse_module_name
+    from loraclr_ext.demo.tiny import build_tiny_pipeline
+    from loraclr_ext.model.naming import parse_module_name
 
     pipe = build_tiny_pipeline(SD1)
     modules: dict[ModuleRef, torch.nn.Module] = {}

@@ -7,9 +7,9 @@ from collections import Counter
 import pytest
 import torch
 
-from loraclr_ext.architecture import Architecture
 from loraclr_ext.errors import InvalidInputError
-from loraclr_ext.naming import (
+from loraclr_ext.model.architecture import Architecture
+from loraclr_ext.model.naming import (
     diffusers_unet_path,
     kohya_index,
     kohya_name,
@@ -20,7 +20,7 @@ from loraclr_ext.naming import (
     parse_kohya_name,
     parse_module_name,
 )
-from loraclr_ext.targets import ModuleRef
+from loraclr_ext.model.targets import ModuleRef
 
 SD1, SD2, SDXL = Architecture.SD1, Architecture.SD2, Architecture.SDXL
 

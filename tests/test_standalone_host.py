@@ -14,22 +14,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loraclr_ext import naming
-from loraclr_ext.architecture import Architecture
+from loraclr_ext.demo.tiny import build_tiny_pipeline, save_tiny_model, tiny_vocab
 from loraclr_ext.errors import InvalidInputError, LoraClrError, ModelNotFoundError
 from loraclr_ext.hosts.base import Conditioning, Host
+from loraclr_ext.hosts.devices import resolve_device
 from loraclr_ext.hosts.model_files import builtin_config
-from loraclr_ext.hosts.standalone import (
-    StandaloneHost,
-    canonical_text_path,
-    detect_architecture,
-    live_text_path,
-    resolve_device,
-    resolve_modules,
-    weights_fingerprint,
-)
-from loraclr_ext.hosts.tiny import build_tiny_pipeline, save_tiny_model, tiny_vocab
-from loraclr_ext.targets import ModuleRef
+from loraclr_ext.hosts.standalone import StandaloneHost, pipeline_architecture, resolve_modules
+from loraclr_ext.hosts.text_paths import canonical_text_path, live_text_path
+from loraclr_ext.hosts.weights import weights_fingerprint
+from loraclr_ext.model import naming
+from loraclr_ext.model.architecture import Architecture
+from loraclr_ext.model.targets import ModuleRef
 
 PROMPTS = ["a photo of sks dog", "a portrait of zwx woman in the castle"]
 ATTN_K = "mid_block.attentions.0.transformer_blocks.0.attn2.to_k"
@@ -248,7 +243,7 @@ def test_shipped_configs_are_the_real_models(arch: Architecture) -> None:
     models = (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
     counts = tuple(None if m is None else sum(p.numel() for p in m.parameters()) for m in models)
     assert counts == _PARAMS[arch]
-    assert detect_architecture(pipe) is arch
+    assert pipeline_architecture(pipe) is arch
 
 
 @pytest.mark.parametrize("arch", list(Architecture))
@@ -471,7 +466,7 @@ def test_clean_weights_guards_the_model(sd1: StandaloneHost) -> None:
 
 def test_fingerprint_of_a_tensor_larger_than_float32_indices() -> None:
     # SD1.5's largest UNet weights have ~29.5 M elements; float32 index arithmetic broke there.
-    from loraclr_ext.hosts.standalone import _tensor_stats
+    from loraclr_ext.hosts.weights import _tensor_stats
 
     big = torch.zeros(2**24 + 3, dtype=torch.float16)
     big[-1] = 7.0

@@ -9,14 +9,14 @@ import re
 import pytest
 import torch
 
-from loraclr_ext.architecture import Architecture
-from loraclr_ext.demo import CONCEPTS, build_demo_loras
+from loraclr_ext.demo.run import CONCEPTS, build_demo_loras
+from loraclr_ext.demo.tiny import build_tiny_pipeline
 from loraclr_ext.engine import run_merge
 from loraclr_ext.hosts.standalone import StandaloneHost
-from loraclr_ext.hosts.tiny import build_tiny_pipeline
-from loraclr_ext.options import ConceptSpec, MergeOptions
-from loraclr_ext.plan import plan_merge
-from loraclr_ext.quality import _run
+from loraclr_ext.model.architecture import Architecture
+from loraclr_ext.pipeline.options import ConceptSpec, MergeOptions
+from loraclr_ext.pipeline.plan import plan_merge
+from loraclr_ext.report.quality import _run
 
 pytest.importorskip("peft", reason="diffusers needs peft to load LoRAs")
 

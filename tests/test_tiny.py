@@ -9,8 +9,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
-from loraclr_ext.architecture import Architecture
-from loraclr_ext.hosts.tiny import (
+from loraclr_ext.demo.tiny import (
     BOS_TOKEN,
     EOS_TOKEN,
     build_tiny_pipeline,
@@ -18,6 +17,7 @@ from loraclr_ext.hosts.tiny import (
     save_tiny_model,
     tiny_vocab,
 )
+from loraclr_ext.model.architecture import Architecture
 
 
 def test_vocab_is_clip_shaped() -> None:
@@ -99,7 +99,7 @@ def test_saved_folder_has_the_diffusers_layout(tmp_path) -> None:
 def test_vocab_files_alone_reproduce_the_tokenizer(tmp_path) -> None:
     from transformers import CLIPTokenizer
 
-    from loraclr_ext.hosts.tiny import write_vocab_files
+    from loraclr_ext.demo.tiny import write_vocab_files
 
     write_vocab_files(tmp_path)
     loaded = CLIPTokenizer(vocab=str(tmp_path / "vocab.json"), merges=str(tmp_path / "merges.txt"))

@@ -15,8 +15,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from loraclr_ext.architecture import Architecture
-from loraclr_ext.targets import ModuleRef
+from loraclr_ext.model.architecture import Architecture
+from loraclr_ext.model.targets import ModuleRef
 
 
 @dataclass

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from loraclr_ext.architecture import Architecture
 from loraclr_ext.errors import InvalidInputError, ModelNotFoundError
+from loraclr_ext.model.architecture import Architecture
 
 CONFIG_ROOT = Path(__file__).with_name("configs")
 TOKENIZER_FILES = ("vocab.json", "merges.txt")

@@ -6,148 +6,30 @@ into its weights, so :meth:`StandaloneHost.clean_weights` is a guard that proves
 
 from __future__ import annotations
 
-import hashlib
-import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from loraclr_ext.architecture import Architecture
 from loraclr_ext.errors import InvalidInputError, LoraClrError, ModelNotFoundError
 from loraclr_ext.hosts import model_files
 from loraclr_ext.hosts.base import Conditioning, StepCallback, Tokens, iter_chunks
-from loraclr_ext.targets import Component, ModuleRef
+from loraclr_ext.hosts.devices import resolve_device, resolve_dtype
+from loraclr_ext.hosts.text_paths import canonical_text_path, has_text_model_level, live_text_path
+from loraclr_ext.hosts.weights import changed_weights, weights_fingerprint
+from loraclr_ext.model.architecture import Architecture
+from loraclr_ext.model.targets import Component, ModuleRef
 
-TEXT_MODEL_PREFIX = "text_model."
 ENCODE_CHUNK = 32
 _TARGET_TYPES = (torch.nn.Linear, torch.nn.Conv2d)
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
-
-
-# ------------------------------------------------------------------------ device and dtype
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``'auto'`` -> CUDA when available, else CPU; ``'cpu'``, ``'cuda'``, ``'cuda:N'``, ``'mps'``.
-
-    Raises:
-        InvalidInputError: unknown device string, or an accelerator that is not available.
-    """
-    if isinstance(device, str) and device.strip().lower() == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InvalidInputError(
-            f"Unknown device '{device}'; use 'auto', 'cpu', 'cuda' or 'cuda:N'."
-        ) from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InvalidInputError(
-                f"Device '{device}' was requested but this PyTorch build sees no CUDA GPU "
-                f"(torch {torch.__version__}); use --device cpu or install a CUDA build."
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InvalidInputError(
-                f"Device '{device}' does not exist: {torch.cuda.device_count()} CUDA GPU(s)."
-            )
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise InvalidInputError(f"Device '{device}' was requested but MPS is not available.")
-    elif dev.type != "cpu":
-        raise InvalidInputError(f"Unsupported device '{device}'; use 'auto', 'cpu' or 'cuda'.")
-    return dev
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """``None`` -> fp16 on an accelerator, fp32 on the CPU (fp16 matmuls are slow there)."""
-    if dtype is None:
-        return torch.float32 if device.type == "cpu" else torch.float16
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[dtype.lower()]
-    except KeyError:
-        raise InvalidInputError(
-            f"Unknown dtype '{dtype}'; use one of {', '.join(sorted(_DTYPES))}."
-        ) from None
-
-
-# ------------------------------------------------------------------ text-encoder naming
-
-
-def has_text_model_level(model: torch.nn.Module) -> bool:
-    """Whether a CLIP text model keeps the ``text_model.`` level in its module names.
-
-    transformers 4 always does; transformers 5 flattened ``CLIPTextModel`` (modules are
-    ``encoder.layers.N…``) but ``CLIPTextModelWithProjection`` still has ``text_model``.
-    """
-    return "text_model" in dict(model.named_children())
-
-
-def live_text_path(canonical: str, has_level: bool) -> str:
-    """Canonical (transformers-4) text path -> the loaded model's module path."""
-    if not has_level and canonical.startswith(TEXT_MODEL_PREFIX):
-        return canonical[len(TEXT_MODEL_PREFIX) :]
-    return canonical
-
-
-def canonical_text_path(live: str, has_level: bool) -> str:
-    """The loaded model's module path -> canonical (transformers-4) text path."""
-    return live if has_level else TEXT_MODEL_PREFIX + live
-
-
-# ------------------------------------------------------------------------- fingerprints
-
-
-def _tensor_stats(t: torch.Tensor) -> torch.Tensor:
-    """Sum, absolute sum and 16 evenly spaced elements of ``t``, as fp64 ``[18]``."""
-    flat = t.detach().reshape(-1)
-    wide = flat.to(torch.float64)
-    # Integer arithmetic: a float32 linspace rounds indices past 2**24 out of range.
-    idx = torch.arange(16, device=flat.device) * max(flat.numel() - 1, 0) // 15
-    samples = wide[idx] if flat.numel() else torch.zeros(16, dtype=torch.float64)
-    return torch.cat([torch.stack([wide.sum(), wide.abs().sum()]), samples.to(wide.device)])
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """A hex digest of every parameter and buffer of ``module`` (names, shapes, dtypes and
-    fp64 sums / samples). Cheap enough for SDXL on a GPU (one transfer), and any merge of a
-    LoRA into a weight changes it."""
-    names: list[str] = []
-    stats: list[torch.Tensor] = []
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        names.append(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}")
-        stats.append(_tensor_stats(tensor).cpu())
-    digest = hashlib.sha256("|".join(names).encode())
-    for s in stats:
-        digest.update(struct.pack(f"{s.numel()}d", *s.tolist()))
-    return digest.hexdigest()
-
-
-def changed_weights(
-    models: Sequence[torch.nn.Module], before: Sequence[str]
-) -> list[torch.nn.Module]:
-    """The ``models`` whose :func:`weights_fingerprint` is no longer ``before`` (same order):
-    what every host's ``clean_weights`` checks on exit."""
-    return [m for m, fp in zip(models, before, strict=True) if weights_fingerprint(m) != fp]
 
 
 # ------------------------------------------------------------------------- architecture
 
 
-def detect_architecture(pipe: Any, override: Architecture | str | None = None) -> Architecture:
+def pipeline_architecture(pipe: Any, override: Architecture | str | None = None) -> Architecture:
     """SDXL when there is a second text encoder or ``text_time`` conditioning; else SD2 for a
     1024-wide context, SD1 for 768; tiny models (other widths) are SD1 unless ``override``.
 
@@ -204,7 +86,7 @@ class StandaloneHost:
     ) -> StandaloneHost:
         """Wrap an already built pipeline, moving it to ``device`` (and ``dtype`` if given)."""
         dev = resolve_device(device)
-        arch = detect_architecture(pipe, architecture)
+        arch = pipeline_architecture(pipe, architecture)
         for model in _models(pipe):
             if dtype is None:
                 model.to(device=dev)

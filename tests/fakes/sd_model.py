@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from open_clip_model import OpenClipTokenizer, from_hf_clip
 
-from loraclr_ext.architecture import Architecture
 from loraclr_ext.errors import InvalidInputError
-from loraclr_ext.naming import ldm_unet_path
+from loraclr_ext.model.architecture import Architecture
+from loraclr_ext.model.naming import ldm_unet_path
 
 _LEAVES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
 

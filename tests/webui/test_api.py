@@ -4,7 +4,7 @@ same validation and messages as the tab, 4xx on bad input, --api-auth honoured."
 from __future__ import annotations
 
 import pytest
-from fixtures import FAST, fingerprint, snapshot
+from lora_fixtures import FAST, fingerprint, snapshot
 
 
 @pytest.fixture
@@ -12,7 +12,7 @@ def client(webui):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from loraclr_ext.webui.api import mount
+    from loraclr_ext.ui.api import mount
 
     app = FastAPI()
     mount(app, webui["ctx"])
@@ -90,7 +90,7 @@ def test_api_auth_is_honoured(webui):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from loraclr_ext.webui.api import mount
+    from loraclr_ext.ui.api import mount
 
     app = FastAPI()
     mount(app, webui["ctx"], "alice:secret,bob:pw")

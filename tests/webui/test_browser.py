@@ -60,7 +60,7 @@ def served(webui):
     served on 127.0.0.1 by gradio's own uvicorn thread; closed at the end."""
     import gradio as gr
 
-    from loraclr_ext.webui.ui import create_tab
+    from loraclr_ext.ui.tab import create_tab
 
     tab, _ = create_tab(webui["ctx"])
     with (

@@ -10,30 +10,23 @@ from html import unescape
 from pathlib import Path
 
 import pytest
-from fixtures import (
-    FAST,
-    WEBUI_GRADIO,
-    component_ids,
-    fingerprint,
-    gradio_version,
-    js_hooks,
-    snapshot,
-)
+from fixtures import WEBUI_GRADIO, component_ids, gradio_version, js_hooks
+from lora_fixtures import FAST, fingerprint, snapshot
 
-from loraclr_ext.webui.fields import option_fields
+from loraclr_ext.pipeline.fields import option_fields
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def tab(ctx):
-    from loraclr_ext.webui.ui import create_tab
+    from loraclr_ext.ui.tab import create_tab
 
     return create_tab(ctx)
 
 
 def values(**overrides):
     """Widget values in field order: defaults, FAST, then ``overrides``."""
-    from loraclr_ext.webui.service import option_default
+    from loraclr_ext.ui.service import option_default
 
     merged = {f.name: option_default(f.name) for f in option_fields()}
     merged.update(rank=0, **FAST)
@@ -118,7 +111,7 @@ def test_tab_config_for_the_running_gradio(webui, version):
     keyword this version takes (``_js=`` in 3, ``js=`` in 4)."""
     import gradio as gr
 
-    from loraclr_ext.webui.ui import gradio_major, js
+    from loraclr_ext.ui.tab import gradio_major, js
 
     assert version == gr.__version__ and version in WEBUI_GRADIO
     assert gradio_major() == int(version.split(".")[0])

@@ -9,6 +9,6 @@
 * ``reforge``: reForge ``main`` — an A1111-shaped model over ComfyUI-style patchers that
   back weights up per patcher and restore them when a clone is unloaded.
 
-Both dress a deep copy of a tiny diffusers pipeline (``loraclr_ext.hosts.tiny``) in the
+Both dress a deep copy of a tiny diffusers pipeline (``loraclr_ext.demo.tiny``) in the
 host's layout, so a test can compare against ``StandaloneHost`` on the original pipeline.
 """

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from sd_model import _attach  # the A1111 fakes' helper: ldm names over diffusers leaves
 
-from loraclr_ext.architecture import Architecture
 from loraclr_ext.errors import InvalidInputError
-from loraclr_ext.naming import ldm_unet_path
+from loraclr_ext.model.architecture import Architecture
+from loraclr_ext.model.naming import ldm_unet_path
 
 
 class ForgeLinear(torch.nn.Module):

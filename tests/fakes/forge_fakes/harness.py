@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from forge_fakes.common import tiny_parts
-from loraclr_ext.architecture import Architecture
-from loraclr_ext.hosts.standalone import weights_fingerprint
+from loraclr_ext.hosts.weights import weights_fingerprint
+from loraclr_ext.model.architecture import Architecture
 
 FAST = {"steps": 1, "size": 64, "iterations": 0, "quality": False}
 ROWS = [("sks_dog", "sks dog", 1.0), ("zwx_cat", "zwx cat", 1.0)]
@@ -45,7 +45,7 @@ def make_setup(kind: str, tiny: dict, tmp_path: Path, monkeypatch: Any) -> Setup
     from modules.shared_state import State
 
     from forge_fakes import new_forge, reforge
-    from loraclr_ext.webui.service import WebuiContext
+    from loraclr_ext.ui.service import WebuiContext
 
     lora_dir = tmp_path / "Lora"
     shutil.copytree(tiny["src"], lora_dir)
@@ -71,7 +71,7 @@ def make_setup(kind: str, tiny: dict, tmp_path: Path, monkeypatch: Any) -> Setup
 
 def merge(setup: Setup, output: str, rows=ROWS, **overrides: Any) -> Any:
     """The tab's merge call (``WebuiContext.merge`` under the queue lock)."""
-    from loraclr_ext.webui.service import ConceptRow, parse_options
+    from loraclr_ext.ui.service import ConceptRow, parse_options
 
     options = parse_options(setup.ctx, {**FAST, "output": output, **overrides})
     with setup.ctx.job():
@@ -81,9 +81,9 @@ def merge(setup: Setup, output: str, rows=ROWS, **overrides: Any) -> Any:
 def standalone_merge(setup: Setup, host: Any, out_dir: Path, rows=ROWS, **overrides: Any) -> Path:
     """The same merge through ``StandaloneHost`` (the CLI's host) on the original pipeline."""
     from loraclr_ext.engine import run_merge
-    from loraclr_ext.options import ConceptSpec
-    from loraclr_ext.plan import output_path, plan_merge
-    from loraclr_ext.webui.service import parse_options
+    from loraclr_ext.pipeline.options import ConceptSpec
+    from loraclr_ext.pipeline.plan import output_path, plan_merge
+    from loraclr_ext.ui.service import parse_options
 
     options = parse_options(setup.ctx, {**FAST, "output": "reference", **overrides})
     specs = [ConceptSpec(setup.ctx.resolve(n), p, s) for n, p, s in rows]

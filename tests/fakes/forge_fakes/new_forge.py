@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from forge_fakes.common import DiscreteSchedule, TinyParts, apply_in_sigma_space, encode_prompts
-from loraclr_ext.architecture import Architecture
+from loraclr_ext.model.architecture import Architecture
 
 CPU = torch.device("cpu")
 

@@ -13,7 +13,7 @@ import torch
 
 from forge_fakes.common import DiscreteSchedule, TinyParts, apply_in_sigma_space, encode_prompts
 from forge_fakes.new_forge import ForgeObjects, _set_param
-from loraclr_ext.architecture import Architecture
+from loraclr_ext.model.architecture import Architecture
 
 CPU = torch.device("cpu")
 

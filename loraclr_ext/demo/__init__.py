@@ -1,0 +1,1 @@
+"""The built-in demo: a tiny SD model built offline and concept LoRAs fitted on it."""

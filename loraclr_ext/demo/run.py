@@ -1,0 +1,99 @@
+"""The self-contained demo: a tiny SD1 model, three concept LoRAs, one merge, one report.
+
+Everything is built here and seeded — no download — so ``python -m loraclr_ext demo``
+shows the whole product path (files in, concepts run through a real diffusers model,
+one kohya LoRA out, quality report) in well under a minute on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from loraclr_ext.hosts.base import Host
+from loraclr_ext.model.architecture import Architecture
+from loraclr_ext.pipeline.progress import Progress
+from loraclr_ext.report.quality import QualityReport
+
+CONCEPTS = (("sks dog", "sks"), ("zwx cat", "zwx"), ("qpr castle", "qpr"))
+TEXT_WIDTH = 256
+"""Text width of the demo model: wide enough for trigger-selective LoRAs (SD1.5: 768)."""
+
+
+def build_demo_loras(host: Host, folder: Path) -> list[Path]:
+    """Fit one selective LoRA per demo concept on ``host`` and write it as a kohya file."""
+    from loraclr_ext.demo.concept_fit import FitSettings, fit_concept
+    from loraclr_ext.files.write import write_lora
+
+    paths = []
+    for i, (prompt, trigger) in enumerate(CONCEPTS):
+        others = [p for p, _ in CONCEPTS if p != prompt]
+        deltas = fit_concept(host, prompt, trigger, others, FitSettings(seed=i))
+        path = folder / f"{prompt.replace(' ', '_')}.safetensors"
+        write_lora(
+            path,
+            deltas,
+            host.architecture,
+            triggers=[trigger],
+            title=prompt,
+            overwrite=True,
+            check_shapes=False,
+        )
+        paths.append(path)
+    return paths
+
+
+def run_demo(workdir: Path | None, progress: Progress | None = None) -> dict:
+    """Build, merge, report; returns the report as a dict (also printed and saved)."""
+    from loraclr_ext.demo.tiny import save_tiny_model
+    from loraclr_ext.engine import run_merge
+    from loraclr_ext.hosts.standalone import StandaloneHost
+    from loraclr_ext.pipeline.options import ConceptSpec, MergeOptions
+    from loraclr_ext.pipeline.plan import plan_merge
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(workdir) if workdir else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        model = save_tiny_model(Architecture.SD1, root / "tiny-sd1", text_width=TEXT_WIDTH)
+        host = StandaloneHost.load(model, "cpu")
+        loras = build_demo_loras(host, root)
+        print(f"built a tiny SD1 model and {len(loras)} concept LoRAs in {root}")
+        specs = [
+            ConceptSpec(path, prompt) for path, (prompt, _) in zip(loras, CONCEPTS, strict=True)
+        ]
+        options = MergeOptions(output="merged", size=64, steps=8, overwrite=True)
+        plan = plan_merge(
+            specs, options, host.architecture, root / "merged.safetensors", check_shapes=False
+        )
+        result = run_merge(plan, host, progress)
+        if hasattr(progress, "close"):
+            progress.close()
+        total = time.perf_counter() - started
+        modules = len(result.layers)
+        print(f"wrote {result.path.name} ({modules} modules), use it as: {result.prompt_tag}")
+        print(f"demo took {total:.1f} s (merge stages: {result.seconds})\n")
+        print(result.report.table())
+        summary = {
+            "seconds": round(total, 2),
+            "stages": result.seconds,
+            "report": result.report.to_dict(),
+        }
+        (root / "merged.report.json").write_text(json.dumps(summary, indent=2))
+        _explain(result.report)
+        return summary
+
+
+def _explain(report: QualityReport) -> None:
+    ours, stacked = report.method("loraclr"), report.method("stacked")
+    pairs = ", ".join(
+        f"{label} {ours.mean(key):.3f} vs {stacked.mean(key):.3f}"
+        for label, key in (("text@trigger", "text_trigger"), ("UNet", "unet"), ("leak", "leak"))
+    )
+    print(
+        "\nErrors are |merged − LoRA alone| / |LoRA alone − base| on held-out prompts "
+        "(0 = perfect);\nleak = share of the other LoRAs' effect bleeding into a concept's "
+        f"prompts (stacking ≈ 1).\nLoRACLR vs stacking: {pairs}."
+    )

@@ -1,0 +1,434 @@
+"""Read a LoRA file of any supported format into exact per-module deltas.
+
+Entry points:
+
+* :func:`read_lora` — full read: every matched module becomes a
+  :class:`~loraclr_ext.model.deltas.ModuleDelta` (fp32, ``alpha/rank`` folded into ``down``).
+* :func:`describe_lora` — cheap: header, metadata and shapes only, never raises for a bad
+  file (the reason is returned), for the WebUI list and the ``inspect`` command.
+
+Only ``.safetensors`` is read; pickles are refused because loading one runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from loraclr_ext.errors import (
+    ArchitectureMismatchError,
+    LoraClrError,
+    LoraFileError,
+    UnmatchedKeysError,
+)
+from loraclr_ext.files.detect import lora_architecture
+from loraclr_ext.files.formats import (
+    SIDE_PARTS,
+    Adapter,
+    FormatError,
+    Shape,
+    ShapeInfo,
+    claim,
+    group_keys,
+)
+from loraclr_ext.model.architecture import Architecture
+from loraclr_ext.model.deltas import LoraFile, ModuleDelta
+from loraclr_ext.model.naming import ModuleSpec, module_spec, parse_module_name
+from loraclr_ext.model.targets import ModuleRef
+
+PICKLE_SUFFIXES = frozenset({".pt", ".ckpt", ".pth", ".bin"})
+MAX_TRIGGER_TAGS = 3
+_HASH_CHUNK = 1 << 20  # bytes per read when hashing
+
+
+# ----------------------------------------------------------------------------- file level
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of the whole file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _pickle_error(path: Path) -> LoraFileError:
+    return LoraFileError(
+        f"{path} is a pickle; pickles can run code when loaded, so they are not read. "
+        "Convert it to .safetensors (e.g. with kohya's or the WebUI's converter) and retry."
+    )
+
+
+def check_container(path: Path) -> None:
+    """Refuse missing files, pickles and files that are not safetensors at all.
+
+    A safetensors file starts with an 8-byte little-endian header length followed by a
+    JSON object; a torch pickle starts with a zip signature or the pickle opcode 0x80.
+    The safetensors layout is tested first: its first byte is the header length's low
+    byte, which is 0x80 for one header length in 256.
+    """
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise _pickle_error(path)
+    if path.is_dir():
+        raise LoraFileError(f"{path} is a folder, not a LoRA file.")
+    if not path.is_file():
+        raise LoraFileError(f"{path} does not exist.")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{" and 2 <= header_len <= size - 8
+    if looks_safetensors:
+        return
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        raise _pickle_error(path)
+    if len(head) < 9:
+        raise LoraFileError(f"{path} is empty or truncated ({size} bytes); download it again.")
+    raise LoraFileError(
+        f"{path} is not a valid .safetensors file (corrupt or truncated header); download it again."
+    )
+
+
+def read_header(path: Path) -> tuple[dict[str, Shape], dict[str, str]]:
+    """Every tensor key → shape, and the ``__metadata__`` map, without loading tensors."""
+    check_container(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            shapes = {k: tuple(int(d) for d in f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as exc:  # safetensors raises its own (Rust) error types
+        raise LoraFileError(
+            f"{path} cannot be read as .safetensors ({exc}); it is corrupt or truncated — "
+            "download it again."
+        ) from exc
+    return shapes, metadata
+
+
+# ----------------------------------------------------------------------------- triggers
+
+
+def _tag_counts(metadata: Mapping[str, str]) -> Counter[str]:
+    """Summed ``ss_tag_frequency`` counts over all dataset folders (empty if absent/bad)."""
+    counts: Counter[str] = Counter()
+    try:
+        folders = json.loads(metadata.get("ss_tag_frequency", "") or "{}")
+    except json.JSONDecodeError:
+        return counts
+    if not isinstance(folders, dict):
+        return counts
+    for tags in folders.values():
+        if isinstance(tags, dict):
+            for tag, n in tags.items():
+                if isinstance(n, int | float) and str(tag).strip():
+                    counts[str(tag).strip()] += int(n)
+    return counts
+
+
+def triggers_from_metadata(metadata: Mapping[str, str]) -> list[str]:
+    """Trigger words, best first.
+
+    ``modelspec.trigger_phrase`` (comma-separated) if present, else the
+    :data:`MAX_TRIGGER_TAGS` most frequent ``ss_tag_frequency`` tags (ties keep file
+    order), else ``ss_output_name``, else nothing.
+    """
+    phrase = metadata.get("modelspec.trigger_phrase", "")
+    words = [w.strip() for w in phrase.split(",") if w.strip()]
+    if words:
+        return list(dict.fromkeys(words))
+    counts = _tag_counts(metadata)
+    if counts:
+        return [tag for tag, _ in counts.most_common(MAX_TRIGGER_TAGS)]
+    name = metadata.get("ss_output_name", "").strip()
+    return [name] if name else []
+
+
+# ----------------------------------------------------------------------------- matching
+
+
+@dataclass
+class _Match:
+    """One file module group matched to a target module."""
+
+    ref: ModuleRef
+    spec: ModuleSpec
+    adapter: Adapter
+    keys: dict[str, str]  # part → file key
+    info: ShapeInfo
+
+
+@dataclass
+class _Plan:
+    """How a file's keys map onto one architecture."""
+
+    matches: dict[str, _Match] = field(default_factory=dict)  # file module name → match
+    unmatched: list[str] = field(default_factory=list)  # "key: reason"
+    unmatched_modules: int = 0
+
+    @property
+    def total_modules(self) -> int:
+        return len(self.matches) + self.unmatched_modules
+
+    @property
+    def unmatched_fraction(self) -> float:
+        return self.unmatched_modules / self.total_modules if self.total_modules else 1.0
+
+
+def _fits(info: ShapeInfo, spec: ModuleSpec) -> bool:
+    return info.out_features == spec.out_features and info.flat_in == spec.flat_in
+
+
+def _match_group(
+    module: str,
+    keys: dict[str, str],
+    shapes: Mapping[str, Shape],
+    arch: Architecture,
+    check_shapes: bool,
+) -> _Match:
+    """Match one module group or raise FormatError with the reason."""
+    adapter = claim(set(keys))
+    info = adapter.shape_info({part: shapes[key] for part, key in keys.items()})
+    ref = parse_module_name(module, arch)
+    if ref is None:
+        raise FormatError(f"no {arch.label} module is named '{module}'")
+    spec = module_spec(ref, arch)
+    assert spec is not None  # parse_module_name only returns known refs
+    if check_shapes and not _fits(info, spec):
+        raise FormatError(
+            f"delta [{info.out_features}, {info.flat_in}] does not fit {ref} "
+            f"[{spec.out_features}, {spec.flat_in}] of {arch.label}"
+        )
+    return _Match(ref, spec, adapter, keys, info)
+
+
+def _plan(shapes: Mapping[str, Shape], arch: Architecture, check_shapes: bool = True) -> _Plan:
+    """Match every key group of a file against ``arch``; nothing is dropped silently."""
+    groups, unknown = group_keys(sorted(shapes))
+    plan = _Plan()
+    taken: dict[ModuleRef, str] = {}
+    for module, keys in groups.items():
+        for part in SIDE_PARTS.keys() & keys.keys():
+            plan.unmatched.append(f"{keys.pop(part)}: {SIDE_PARTS[part]}")
+        if not keys:
+            plan.unmatched_modules += 1
+            continue
+        try:
+            match = _match_group(module, keys, shapes, arch, check_shapes)
+            if match.ref in taken:
+                raise FormatError(f"'{taken[match.ref]}' already targets {match.ref}")
+        except FormatError as exc:
+            plan.unmatched += [f"{key}: {exc}" for key in sorted(keys.values())]
+            plan.unmatched_modules += 1
+            continue
+        taken[match.ref] = module
+        plan.matches[module] = match
+    for key in unknown:
+        plan.unmatched.append(f"{key}: not a key of any supported LoRA format")
+        plan.unmatched_modules += 1
+    return plan
+
+
+def _resolve_arch(
+    path: Path,
+    shapes: Mapping[str, Shape],
+    metadata: Mapping[str, str],
+    arch_hint: Architecture | None,
+    check_shapes: bool = True,
+) -> tuple[Architecture | None, Architecture, _Plan]:
+    """(reported architecture, architecture used for names, plan).
+
+    Raises ArchitectureMismatchError when the file is clearly for another architecture
+    than ``arch_hint``. When nothing decides, names are matched against the architecture
+    that matches most modules and the reported architecture is ``None``.
+    """
+    detected = lora_architecture(shapes, metadata)
+    if arch_hint is not None and detected is not None and detected is not arch_hint:
+        raise ArchitectureMismatchError(
+            f"{path.name} is a {detected.label} LoRA but the base model is {arch_hint.label}; "
+            f"use a LoRA trained for {arch_hint.label} or load a {detected.label} checkpoint."
+        )
+    chosen = detected or arch_hint
+    if chosen is not None:
+        return chosen, chosen, _plan(shapes, chosen, check_shapes)
+    plans = {arch: _plan(shapes, arch, check_shapes) for arch in Architecture}
+    best = max(Architecture, key=lambda a: len(plans[a].matches))  # ties: SD1 first
+    return None, best, plans[best]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _label(adapter: Adapter, keys: Mapping[str, str], info: ShapeInfo) -> str:
+    """Format label of a group from shapes alone (``lora`` vs ``locon`` by conv kernel)."""
+    if adapter.name == "lora":
+        is_conv = "lora_mid.weight" in keys or (info.kernel not in (None, (1, 1)))
+        return "locon" if is_conv else "lora"
+    return adapter.name
+
+
+def _join_labels(labels: set[str]) -> str:
+    """``'+'``-joined labels; LoCon files contain plain LoRA modules too, so those merge."""
+    if "locon" in labels:
+        labels = labels - {"lora"}
+    return "+".join(sorted(labels)) if labels else "unknown"
+
+
+def _native_kernel(delta: ModuleDelta, spec: ModuleSpec) -> ModuleDelta:
+    """Give a 1×1-conv/Linear delta the base module's own form (they are interchangeable:
+    ``in·1·1 == in``), so downstream code sees the kernel the live module has."""
+    linear_like = (None, (1, 1))
+    if delta.kernel in linear_like and spec.kernel in linear_like:
+        delta.kernel = spec.kernel
+    return delta
+
+
+def _load_tensors(f: object, path: Path, keys: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """The group's tensors as fp32; LoraFileError on NaN/Inf."""
+    tensors: dict[str, torch.Tensor] = {}
+    for part, key in keys.items():
+        tensor = f.get_tensor(key).float()  # type: ignore[attr-defined]
+        if not torch.isfinite(tensor).all():
+            raise LoraFileError(
+                f"{path}: tensor '{key}' contains NaN or Inf values; the LoRA is broken "
+                "(often an fp16 overflow during training) — use another epoch or file."
+            )
+        tensors[part] = tensor
+    return tensors
+
+
+def _refuse_unmatched(path: Path, plan: _Plan, arch: Architecture, limit: float) -> None:
+    if plan.matches and plan.unmatched_fraction <= limit:
+        return
+    examples = "; ".join(plan.unmatched[:3])
+    raise UnmatchedKeysError(
+        f"{path}: {plan.unmatched_modules} of {plan.total_modules} modules match no "
+        f"{arch.label} module (limit {limit:.0%}), e.g. {examples}. "
+        "Check that the LoRA is for this base model and in a supported format."
+    )
+
+
+def read_lora(
+    path: str | Path,
+    arch_hint: Architecture | None = None,
+    max_unmatched_fraction: float = 0.1,
+    *,
+    check_shapes: bool = True,
+) -> LoraFile:
+    """Read a ``.safetensors`` LoRA of any supported format into exact per-module deltas.
+
+    Args:
+        path: the file.
+        arch_hint: the loaded base model's architecture; used when the file does not say,
+            and checked against what the file says.
+        max_unmatched_fraction: refuse the file when more than this fraction of its
+            modules map to no module of the architecture.
+        check_shapes: require every delta to have the real model's shape for its module;
+            pass ``False`` for miniature test models that keep the names but not the sizes.
+
+    Raises:
+        LoraFileError: missing, pickled, corrupt or truncated file; NaN/Inf tensors.
+        ArchitectureMismatchError: the file is for another architecture than ``arch_hint``.
+        UnmatchedKeysError: too many unmatched modules, or none matched.
+    """
+    path = Path(path)
+    shapes, metadata = read_header(path)
+    reported, arch, plan = _resolve_arch(path, shapes, metadata, arch_hint, check_shapes)
+    _refuse_unmatched(path, plan, arch, max_unmatched_fraction)
+    deltas: dict[ModuleRef, ModuleDelta] = {}
+    labels: set[str] = set()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for match in plan.matches.values():
+                tensors = _load_tensors(f, path, match.keys)
+                try:
+                    delta, label = match.adapter.build(tensors)
+                except FormatError as exc:
+                    raise LoraFileError(f"{path}: module '{match.ref}': {exc}.") from exc
+                deltas[match.ref] = _native_kernel(delta, match.spec)
+                labels.add(label)
+    except LoraClrError:
+        raise
+    except Exception as exc:
+        raise LoraFileError(f"{path} cannot be read ({exc}); it may be corrupt.") from exc
+    return LoraFile(
+        path=path,
+        architecture=reported,
+        format=_join_labels(labels),
+        deltas=deltas,
+        unmatched=plan.unmatched,
+        metadata=metadata,
+        triggers=triggers_from_metadata(metadata),
+        sha256=file_sha256(path),
+    )
+
+
+# ----------------------------------------------------------------------------- describing
+
+
+@dataclass
+class LoraInfo:
+    """What the UI lists about a LoRA file, from its header alone.
+
+    Attributes:
+        name: file stem.
+        path: the file.
+        architecture: detected family, ``None`` if undecidable or unreadable.
+        format: like :attr:`LoraFile.format`; ``""`` when unreadable.
+        rank: largest nominal rank (``dim``) of its factored modules; ``None`` if none.
+        modules: matched module count per component (``unet``, ``te1``, ``te2``).
+        unmatched: how many file modules match nothing.
+        triggers: as :attr:`LoraFile.triggers`.
+        reason: why the file cannot be merged, ``None`` when it can.
+    """
+
+    name: str
+    path: Path
+    architecture: Architecture | None = None
+    format: str = ""
+    rank: int | None = None
+    modules: dict[str, int] = field(default_factory=dict)
+    unmatched: int = 0
+    triggers: list[str] = field(default_factory=list)
+    reason: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.reason is None
+
+
+def describe_lora(
+    path: str | Path,
+    arch_hint: Architecture | None = None,
+    max_unmatched_fraction: float = 0.1,
+    *,
+    check_shapes: bool = True,
+) -> LoraInfo:
+    """Header-only summary of a LoRA; file problems go to :attr:`LoraInfo.reason`."""
+    path = Path(path)
+    info = LoraInfo(name=path.stem, path=path)
+    try:
+        shapes, metadata = read_header(path)
+        info.triggers = triggers_from_metadata(metadata)
+        reported, arch, plan = _resolve_arch(path, shapes, metadata, arch_hint, check_shapes)
+    except LoraClrError as exc:
+        info.reason = str(exc)
+        return info
+    info.architecture = reported
+    info.format = _join_labels({_label(m.adapter, m.keys, m.info) for m in plan.matches.values()})
+    ranks = [m.info.rank for m in plan.matches.values() if m.info.rank is not None]
+    info.rank = max(ranks) if ranks else None
+    info.modules = dict(Counter(m.ref.component for m in plan.matches.values()))
+    info.unmatched = plan.unmatched_modules
+    try:
+        _refuse_unmatched(path, plan, arch, max_unmatched_fraction)
+    except UnmatchedKeysError as exc:
+        info.reason = str(exc)
+    return info

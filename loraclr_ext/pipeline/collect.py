@@ -1,0 +1,205 @@
+"""Run every concept through the host and stream layer inputs into solver statistics.
+
+Design §2.2: concept i's inputs are recorded while the base model with concept i's whole
+LoRA applied (by hooks) processes concept i's prompts — the text encoders on the fit
+templates, the cross-attention K/V layers on the resulting conditioning, every other
+UNet layer during a short seeded denoising run. All concepts use the same templates,
+seed and timesteps, so their features align position by position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from loraclr_ext.hosts.base import Conditioning, Host
+from loraclr_ext.model.targets import ModuleRef
+from loraclr_ext.pipeline.hooks import RowSink, applied, recording
+from loraclr_ext.pipeline.options import NEUTRAL_PROMPTS, TEMPLATES, MergeOptions
+from loraclr_ext.pipeline.plan import Concept, MergePlan, is_cross_kv
+from loraclr_ext.pipeline.progress import Progress, check_interrupt
+from loraclr_ext.solver import NEUTRAL, LayerStats
+
+DENSE_LIMIT = 3072
+"""With ``subspace="full"``, layers wider than this (flattened inputs) still keep their
+statistics in the span of the concepts' down factors, so a 5120-wide SDXL feed-forward
+costs O(R²) memory instead of 100 MB."""
+SPATIAL_PROMPTS = 2
+"""Fit templates conditioning the recording run (batch size of the denoising loop)."""
+
+
+@dataclass
+class TokenRoles:
+    """Per prompt of a batch, which positions are trigger, prompt or padding ``[B, T]``."""
+
+    trigger: torch.Tensor  # bool
+    content: torch.Tensor  # bool: BOS .. EOS inclusive
+
+    def weights(self, options: MergeOptions) -> torch.Tensor:
+        """Fit weights ``[B, T]``: trigger tokens count more, padding after EOS less."""
+        w = torch.full(self.trigger.shape, options.padding_weight)
+        w[self.content] = 1.0
+        w[self.trigger] = options.trigger_weight
+        return w
+
+
+def trigger_ids(host: Host, concepts: list[Concept]) -> list[set[int]]:
+    """Token ids of each concept's prompt that no other concept's prompt contains."""
+    ids = [set(host.tokenize([c.prompt]).ids[0][1:-1]) for c in concepts]
+    return [
+        own - set().union(*(o for j, o in enumerate(ids) if j != i)) for i, own in enumerate(ids)
+    ]
+
+
+def token_roles(host: Host, prompts: list[str], triggers: set[int]) -> TokenRoles:
+    tokens = host.tokenize(prompts)
+    trigger = torch.zeros(len(prompts), tokens.length, dtype=torch.bool)
+    content = torch.zeros_like(trigger)
+    for b, ids in enumerate(tokens.ids):
+        n = min(len(ids), tokens.length)
+        content[b, :n] = True
+        for t, token in enumerate(ids[:n]):
+            if token in triggers:
+                trigger[b, t] = True
+    return TokenRoles(trigger, content)
+
+
+def fit_prompts(prompt: str) -> list[str]:
+    return [template.format(prompt) for template in TEMPLATES]
+
+
+def new_stats(
+    plan: MergePlan, shapes: Mapping[ModuleRef, tuple[int, int]], device: torch.device
+) -> dict[ModuleRef, LayerStats]:
+    """One accumulator per target layer; a concept that lacks the layer has rank 0 there."""
+    stats = {}
+    for ref in plan.refs:
+        fan_in = shapes[ref][1]
+        downs = [
+            c.deltas[ref].down if ref in c.deltas else torch.zeros(0, fan_in) for c in plan.concepts
+        ]
+        basis = None
+        if plan.options.subspace == "lora" or fan_in > DENSE_LIMIT:
+            basis = down_span(downs)
+        stats[ref] = LayerStats(downs, basis=basis, seed=plan.options.seed, device=device)
+    return stats
+
+
+def down_span(downs: list[torch.Tensor]) -> torch.Tensor:
+    """Orthonormal rows ``[k, in]`` spanning every concept's down factor (k ≤ Σ r_i)."""
+    stacked = torch.cat([d.double() for d in downs])  # [R, in]
+    _, s, vh = torch.linalg.svd(stacked, full_matrices=False)
+    keep = s > 1e-7 * float(s.max()) if s.numel() else s > 0
+    return vh[keep].float()
+
+
+def collect(
+    plan: MergePlan,
+    host: Host,
+    modules: Mapping[ModuleRef, torch.nn.Module],
+    stats: Mapping[ModuleRef, LayerStats],
+    progress: Progress,
+) -> None:
+    """Fill ``stats`` by running every concept (and neutral prompts if preservation is on)."""
+    options = plan.options
+    triggers = trigger_ids(host, plan.concepts)
+    text = {r: m for r, m in modules.items() if r.is_text and r in stats}
+    kv = [r for r in stats if is_cross_kv(r)]
+    spatial = {
+        r: m
+        for r, m in modules.items()
+        if r.component == "unet" and r in stats and not is_cross_kv(r)
+    }
+    steps_per_concept = 1 + (options.steps if spatial else 0)
+    progress.stage("Recording concept features", steps_per_concept * len(plan.concepts))
+    for i, concept in enumerate(plan.concepts):
+        check_interrupt(progress)
+        cond = _text_stage(host, concept, i, triggers[i], text, kv, modules, stats, options)
+        progress.advance()
+        if spatial:
+            _spatial_stage(host, concept, i, cond, spatial, modules, stats, options, progress)
+    if options.preserve > 0:
+        _neutral_stage(host, text, kv, spatial, stats, options)
+
+
+def _sink(stats: Mapping[ModuleRef, LayerStats], concept: int) -> RowSink:
+    """Route recorded rows of every module to its layer's statistics, as ``concept``."""
+
+    def sink(ref: ModuleRef, rows: torch.Tensor, w: torch.Tensor | None) -> None:
+        stats[ref].add(concept, rows, w)
+
+    return sink
+
+
+def _text_stage(
+    host: Host,
+    concept: Concept,
+    index: int,
+    triggers: set[int],
+    text: Mapping[ModuleRef, torch.nn.Module],
+    kv: list[ModuleRef],
+    modules: Mapping[ModuleRef, torch.nn.Module],
+    stats: Mapping[ModuleRef, LayerStats],
+    options: MergeOptions,
+) -> Conditioning:
+    prompts = fit_prompts(concept.prompt)
+    weights = token_roles(host, prompts, triggers).weights(options)
+    text_deltas = {r: d for r, d in concept.deltas.items() if r.is_text}
+    with applied(modules, text_deltas), recording(text, _sink(stats, index), lambda: weights):
+        cond = host.encode(prompts)
+    rows = cond.context.reshape(-1, cond.context.shape[-1])
+    for ref in kv:
+        stats[ref].add(index, rows, weights.reshape(-1))
+    return cond
+
+
+def _recording_batch(cond: Conditioning) -> Conditioning:
+    """The first ``SPATIAL_PROMPTS`` prompts of ``cond``: the batch of the denoising run."""
+    pooled = None if cond.pooled is None else cond.pooled[:SPATIAL_PROMPTS]
+    return Conditioning(context=cond.context[:SPATIAL_PROMPTS], pooled=pooled)
+
+
+def _spatial_stage(
+    host: Host,
+    concept: Concept,
+    index: int,
+    cond: Conditioning,
+    spatial: Mapping[ModuleRef, torch.nn.Module],
+    modules: Mapping[ModuleRef, torch.nn.Module],
+    stats: Mapping[ModuleRef, LayerStats],
+    options: MergeOptions,
+    progress: Progress,
+) -> None:
+    unet_deltas = {r: d for r, d in concept.deltas.items() if r.component == "unet"}
+    batch = _recording_batch(cond)
+
+    def step(i: int, total: int) -> None:
+        progress.advance()
+        check_interrupt(progress)
+
+    with applied(modules, unet_deltas), recording(spatial, _sink(stats, index)):
+        host.sample(batch, steps=options.steps, size=options.size, seed=options.seed, callback=step)
+
+
+def _neutral_stage(
+    host: Host,
+    text: Mapping[ModuleRef, torch.nn.Module],
+    kv: list[ModuleRef],
+    spatial: Mapping[ModuleRef, torch.nn.Module],
+    stats: Mapping[ModuleRef, LayerStats],
+    options: MergeOptions,
+) -> None:
+    prompts = list(NEUTRAL_PROMPTS)
+    sink = _sink(stats, NEUTRAL)
+
+    with recording(text, sink):
+        cond = host.encode(prompts)
+    rows = cond.context.reshape(-1, cond.context.shape[-1])
+    for ref in kv:
+        stats[ref].add(NEUTRAL, rows)
+    if spatial:
+        batch = _recording_batch(cond)
+        with recording(spatial, sink):
+            host.sample(batch, steps=options.steps, size=options.size, seed=options.seed)

@@ -1,0 +1,101 @@
+"""Forward hooks: apply a LoRA delta to a module's output, record a module's inputs.
+
+Host weights are never written: a concept is applied by adding ``up(down(x))`` to the
+output of each module it touches, and every hook is removed when its context exits,
+also on error or interrupt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from loraclr_ext.model.deltas import ModuleDelta
+from loraclr_ext.model.targets import ModuleRef
+from loraclr_ext.solver.features import ConvGeometry, input_rows
+
+
+def is_conv(module: torch.nn.Module) -> bool:
+    """A conv module by its weight's rank (hosts may wrap ``nn.Conv2d`` in other classes)."""
+    weight = getattr(module, "weight", None)
+    return weight is not None and weight.ndim == 4
+
+
+def delta_output(module: torch.nn.Module, delta: ModuleDelta, x: torch.Tensor) -> torch.Tensor:
+    """``ΔW x`` for the module's input ``x``, in ``x``'s dtype and device.
+
+    Linear: ``x [..., in]`` → ``[..., out]``. Conv: ``x [B, C, H, W]`` → ``[B, out, H', W']``
+    with the module's own stride, padding and dilation.
+    """
+    up = delta.up.to(x.device, x.dtype)
+    down = delta.down.to(x.device, x.dtype)
+    if not is_conv(module):
+        return F.linear(F.linear(x, down), up)
+    geometry = ConvGeometry.of(module)
+    kh, kw = geometry.kernel
+    kernel = down.reshape(down.shape[0], -1, kh, kw)
+    hidden = F.conv2d(
+        x, kernel, stride=geometry.stride, padding=geometry.padding, dilation=geometry.dilation
+    )
+    return F.conv2d(hidden, up[:, :, None, None])
+
+
+@contextmanager
+def applied(
+    modules: Mapping[ModuleRef, torch.nn.Module], deltas: Mapping[ModuleRef, ModuleDelta]
+) -> Iterator[None]:
+    """Run the model as if ``deltas`` were added to the weights of ``modules``."""
+    handles = []
+    try:
+        for ref, delta in deltas.items():
+            module = modules.get(ref)
+            if module is None or delta.rank == 0:
+                continue
+
+            def hook(mod, args, output, delta=delta):
+                return output + delta_output(mod, delta, args[0])
+
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+RowSink = Callable[[ModuleRef, torch.Tensor, torch.Tensor | None], None]
+"""Receives ``(ref, rows [t, in·kh·kw], weights [t] or None)`` for every forward call."""
+
+
+@contextmanager
+def recording(
+    modules: Mapping[ModuleRef, torch.nn.Module],
+    sink: RowSink,
+    token_weights: Callable[[], torch.Tensor | None] = lambda: None,
+) -> Iterator[None]:
+    """Stream every input of ``modules`` to ``sink`` as solver rows.
+
+    ``token_weights()`` returns the current batch's per-token weights ``[B, T]`` for
+    Linear inputs ``[B, T, in]`` (text stages); conv and spatial inputs are weighted 1.
+    """
+    handles = []
+    try:
+        for ref, module in modules.items():
+            geometry = ConvGeometry.of(module) if is_conv(module) else None
+
+            def hook(mod, args, output, ref=ref, geometry=geometry):
+                x = args[0].detach()
+                weights = token_weights()
+                use = weights is not None and geometry is None and x.ndim == 3
+                if use and tuple(weights.shape) != tuple(x.shape[:2]):
+                    use = False  # e.g. a UNet attention over pixels: not token-weighted
+                rows = input_rows(x, geometry)
+                sink(ref, rows, weights.reshape(-1).to(rows.device) if use else None)
+
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,151 @@
+"""The one typed options object shared by the command line, the WebUI tab and the REST API.
+
+Every field carries its help text and bounds as metadata, so the CLI flags, the UI widgets
+and the API schema can all be derived from this class and cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from loraclr_ext.errors import InvalidInputError
+from loraclr_ext.solver import SolverSettings
+
+Precision = Literal["fp16", "bf16", "fp32"]
+Subspace = Literal["lora", "full"]
+TEMPLATES = (
+    "{}",
+    "a photo of {}",
+    "a portrait of {}",
+    "{} in a garden",
+    "a close-up of {}, detailed",
+)
+"""Fit templates: every concept runs all of them, so features align position by position."""
+HELD_OUT_TEMPLATES = ("a painting of {}", "{} standing on a city street at night")
+"""Report templates: never used for fitting."""
+NEUTRAL_PROMPTS = ("a photo of a landscape", "a bowl of fruit on a table", "a city street at night")
+"""Prompts without any concept, for base preservation."""
+
+
+def _opt(default: Any, help: str, **bounds: Any) -> Any:
+    return field(default=default, metadata={"help": help, **bounds})
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """What the user chooses for one merge (concepts are passed separately)."""
+
+    output: str = _opt("merged", "Output LoRA name (file stem in the Lora folder)")
+    rank: int | None = _opt(
+        None, "Target rank; 0 or empty = exact (≤ sum of the inputs' ranks)", minimum=0
+    )
+    text_encoder: bool = _opt(True, "Merge text-encoder layers")
+    cross_attention: bool = _opt(True, "Merge cross-attention K/V layers")
+    unet_other: bool = _opt(
+        True, "Merge the other UNet layers (attention, feed-forward, LoCon convs)"
+    )
+    steps: int = _opt(
+        12, "Denoising steps recorded per concept for the UNet layers", minimum=1, maximum=100
+    )
+    size: int = _opt(
+        512,
+        "Image size (px) of the recording run; lower it to save memory",
+        minimum=64,
+        maximum=2048,
+    )
+    seed: int = _opt(0, "Seed of the recording run and of the token samples")
+    margin: float = _opt(
+        0.5, "LoRACLR margin: share of each concept pair's own separation to keep", minimum=0.0
+    )
+    repel: float = _opt(
+        1.0, "Weight μ of the contrastive repel term (0 = least squares + regulariser)", minimum=0.0
+    )
+    reg: float = _opt(
+        1e-3,
+        "Weight λ of the pull towards the stacked LoRAs (a relative ridge): where the recorded "
+        "features say nothing, the merge keeps the LoRAs' own behaviour",
+        minimum=0.0,
+    )
+    preserve: float = _opt(
+        0.1, "Weight of base preservation on neutral prompts (mean squared change)", minimum=0.0
+    )
+    iterations: int = _opt(
+        30, "L-BFGS iterations per layer when a margin is violated", minimum=0, maximum=1000
+    )
+    trigger_weight: float = _opt(
+        8.0, "How much concept-specific (trigger) tokens count in the text fit", minimum=0.0
+    )
+    padding_weight: float = _opt(
+        0.1, "How much padding tokens after the end of a prompt count", minimum=0.0
+    )
+    subspace: Subspace = _opt(
+        "lora",
+        "Input directions the merged down factor may read: 'lora' = the span of the inputs' "
+        "down factors (generalises to unseen prompts; exact for one LoRA), 'full' = all",
+    )
+    precision: Precision = _opt("fp16", "Tensor precision of the saved file")
+    overwrite: bool = _opt(False, "Replace an existing file of the same name")
+    quality: bool = _opt(
+        True, "Measure fidelity, isolation and base preservation against baselines"
+    )
+
+    def __post_init__(self) -> None:
+        if self.rank == 0:  # the tab's number field and the CLI spell "exact" as 0
+            object.__setattr__(self, "rank", None)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            low, high = f.metadata.get("minimum"), f.metadata.get("maximum")
+            if value is None or isinstance(value, bool | str):
+                continue
+            if low is not None and value < low:
+                raise InvalidInputError(f"{f.name} must be ≥ {low}, got {value}.")
+            if high is not None and value > high:
+                raise InvalidInputError(f"{f.name} must be ≤ {high}, got {value}.")
+        if self.precision not in ("fp16", "bf16", "fp32"):
+            raise InvalidInputError(
+                f"precision must be fp16, bf16 or fp32, got {self.precision!r}."
+            )
+        if self.subspace not in ("lora", "full"):
+            raise InvalidInputError(f"subspace must be 'lora' or 'full', got {self.subspace!r}.")
+        if not (self.text_encoder or self.cross_attention or self.unet_other):
+            raise InvalidInputError(
+                "Select at least one part to merge (text encoder, cross-attention, UNet)."
+            )
+        if self.size % 8:
+            raise InvalidInputError(f"size must be a multiple of 8, got {self.size}.")
+
+    def solver_settings(self) -> SolverSettings:
+        """The per-layer solver settings these options imply."""
+        return SolverSettings(
+            objective="loraclr",
+            margin=self.margin,
+            repel=self.repel,
+            reg=self.reg,
+            distance="rms",
+            preserve=self.preserve,
+            iterations=self.iterations,
+            rank=self.rank,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MergeOptions:
+        """Build from a JSON-like mapping; unknown keys are an error, not ignored."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise InvalidInputError(f"Unknown option(s): {', '.join(unknown)}.")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ConceptSpec:
+    """One LoRA to merge: its file, its concept prompt and its strength."""
+
+    path: Path
+    prompt: str
+    strength: float = 1.0

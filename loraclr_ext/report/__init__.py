@@ -1,0 +1,1 @@
+"""The quality report: fidelity, isolation and base preservation against the baselines."""

@@ -1,0 +1,102 @@
+"""HTML for the tab: the LoRA list, the result panel with the quality report, messages.
+
+Pure string building (no gradio), everything escaped; element classes are ``loraclr-*``.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+from loraclr_ext.ui.service import LoraEntry
+
+REPORT_COLUMNS = (
+    ("text_trigger", "text @ trigger"),
+    ("unet", "UNet"),
+    ("leak", "leak"),
+)
+"""Per-method means shown in the report table (lower is better)."""
+
+
+def lora_table(entries: list[LoraEntry], total: int) -> str:
+    """The LoRA list: file, architecture, format, rank, triggers; incompatible ones greyed
+    out with the reason (they are not offered in the selector)."""
+    if not entries:
+        return f"<p class='loraclr-empty'>No LoRA matches ({total} in the Lora folder).</p>"
+    rows = []
+    for e in entries:
+        status = "✔" if e.usable else f"✖ {escape(e.reason or '')}"
+        cls = "loraclr-ok" if e.usable else "loraclr-incompatible"
+        rows.append(
+            f"<tr class='{cls}'><td>{escape(e.file)}</td><td>{escape(e.architecture)}</td>"
+            f"<td>{escape(e.format)}</td><td>{e.rank if e.rank is not None else '–'}</td>"
+            f"<td>{escape(', '.join(e.triggers))}</td><td>{status}</td></tr>"
+        )
+    head = (
+        "<tr><th>file</th><th>architecture</th><th>format</th><th>rank</th>"
+        "<th>triggers</th><th>usable</th></tr>"
+    )
+    note = f"<p class='loraclr-count'>{len(entries)} of {total} LoRAs shown.</p>"
+    table = f"<table class='loraclr-list'>{head}{''.join(rows)}</table>"
+    return f"{note}{_scroll(table)}"
+
+
+def message(text: str, *, error: bool = True) -> str:
+    cls = "loraclr-error" if error else "loraclr-info"
+    return f"<div class='{cls}'>{escape(text)}</div>"
+
+
+def _bar(value: float, scale: float) -> str:
+    width = 0.0 if scale <= 0 else max(0.0, min(value / scale, 1.0)) * 100
+    return (
+        f"<span class='loraclr-value'>{value:.3f}</span>"
+        f"<span class='loraclr-bar' style='display:inline-block;height:0.6em;"
+        f"width:{width:.0f}px;background:var(--loraclr-bar,#6c8ebf);margin-left:4px'></span>"
+    )
+
+
+def report_table(report: Any) -> str:
+    """Method × (mean text@trigger error, UNet error, leak, base moved) with inline bars
+    scaled to the largest value of each column (lower is better)."""
+    columns = [*REPORT_COLUMNS, ("preservation_unet", "base moved")]
+    values = {
+        m.method: [
+            m.mean(k) if k != "preservation_unet" else m.preservation_unet for k, _ in columns
+        ]
+        for m in report.methods
+    }
+    scales = [max((v[i] for v in values.values()), default=1.0) for i in range(len(columns))]
+    head = "".join(f"<th>{escape(label)}</th>" for _, label in columns)
+    rows = []
+    for method, vals in values.items():
+        cells = "".join(f"<td>{_bar(v, s)}</td>" for v, s in zip(vals, scales, strict=True))
+        rows.append(f"<tr><td>{escape(method)}</td>{cells}</tr>")
+    return (
+        _scroll(
+            f"<table class='loraclr-report'><tr><th>method</th>{head}</tr>{''.join(rows)}</table>"
+        )
+        + "<p class='loraclr-note'>Errors relative to each LoRA alone on held-out prompts; "
+        "lower is better. Leak: share of the other LoRAs' effect bleeding into a concept "
+        "(stacking ≈ 1).</p>"
+    )
+
+
+def result_panel(result: Any) -> str:
+    """File name, the prompt to use, timings and the report."""
+    parts = [
+        f"<div class='loraclr-result'><p>Saved <b>{escape(result.path.name)}</b> "
+        f"in {escape(str(result.path.parent))} (with a {escape(result.path.stem)}.json "
+        "sidecar).</p>",
+        f"<p>Use: <code>{escape(result.prompt_tag)}</code></p>",
+        f"<p class='loraclr-note'>{len(result.layers)} modules; seconds: "
+        f"{escape(', '.join(f'{k} {v}' for k, v in result.seconds.items()))}</p>",
+    ]
+    if result.report is not None:
+        parts.append(report_table(result.report))
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _scroll(table: str) -> str:
+    """Let a wide table scroll inside its column instead of being cut off at its edge."""
+    return f"<div style='overflow-x:auto;max-width:100%'>{table}</div>"

@@ -1,0 +1,284 @@
+"""What the tab and the REST routes share: WebUI handles, the LoRA list, one merge call.
+
+Nothing here imports gradio or fastapi; ``modules.*`` is imported only in
+:meth:`WebuiContext.from_webui`, so tests can hand in small stand-ins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from loraclr_ext.errors import InvalidInputError, LoraClrError
+from loraclr_ext.hosts.webui.detect import model_architecture
+from loraclr_ext.hosts.webui.make import forget_cached_loras
+from loraclr_ext.model.architecture import Architecture
+from loraclr_ext.pipeline.options import ConceptSpec, MergeOptions
+
+log = logging.getLogger("loraclr")
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+SETTINGS = {
+    # setting key -> (MergeOptions field or None, label)
+    "loraclr_default_rank": ("rank", "Default target rank (0 = exact)"),
+    "loraclr_default_steps": ("steps", "Default denoising steps recorded per concept"),
+    "loraclr_default_size": ("size", "Default image size (px) of the recording run"),
+    "loraclr_default_precision": ("precision", "Default precision of the saved file"),
+    "loraclr_output_subfolder": (None, "Subfolder of the Lora folder for merged files"),
+}
+
+
+def option_default(name: str) -> Any:
+    """The :class:`MergeOptions` default of field ``name``."""
+    return next(f.default for f in fields(MergeOptions) if f.name == name)
+
+
+@dataclass
+class LoraEntry:
+    """One row of the LoRA list."""
+
+    name: str
+    file: str
+    architecture: str
+    format: str
+    rank: int | None
+    triggers: list[str]
+    reason: str | None
+
+    @property
+    def usable(self) -> bool:
+        return self.reason is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "usable": self.usable}
+
+
+@dataclass
+class ConceptRow:
+    """A selected LoRA (by list name), its concept prompt and strength."""
+
+    name: str
+    prompt: str
+    strength: float = 1.0
+
+
+@dataclass
+class WebuiContext:
+    """The WebUI objects the extension uses, gathered in one place.
+
+    Attributes:
+        shared: ``modules.shared`` (``opts``, ``state``, ``cmd_opts``).
+        sd_models: ``modules.sd_models`` (``model_data.sd_model`` peeks without loading).
+        devices: ``modules.devices``.
+        call_queue: ``modules.call_queue`` (``queue_lock``, ``wrap_gradio_gpu_call``).
+        networks: the built-in Lora extension's ``networks`` module, or ``None``.
+        check_shapes: check LoRA shapes against the real model sizes (off for tiny models).
+    """
+
+    shared: Any
+    sd_models: Any
+    devices: Any
+    call_queue: Any
+    networks: Any = None
+    check_shapes: bool = True
+    _cache: dict[tuple, LoraEntry] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_webui(cls) -> WebuiContext:
+        """Gather the running WebUI's modules (call from ``scripts/`` only)."""
+        from modules import call_queue, devices, sd_models, shared
+
+        try:
+            import networks  # the built-in Lora extension's module (dossier §4.8)
+        except ImportError:
+            networks = None
+        return cls(shared, sd_models, devices, call_queue, networks)
+
+    # -- settings and folders
+
+    def setting(self, key: str, default: Any = None) -> Any:
+        opts = self.shared.opts
+        return getattr(opts, key, opts.data.get(key, default) if hasattr(opts, "data") else default)
+
+    def default_options(self) -> dict[str, Any]:
+        """Option defaults with the user's settings applied."""
+        values = {f.name: f.default for f in fields(MergeOptions)}
+        for key, (name, _) in SETTINGS.items():
+            if name is not None:
+                values[name] = self.setting(key, values[name])
+        if not values["rank"]:
+            values["rank"] = None
+        return values
+
+    @property
+    def lora_dir(self) -> Path:
+        return Path(self.shared.cmd_opts.lora_dir)
+
+    def output_dir(self) -> Path:
+        """The Lora folder or the configured subfolder of it (created if missing)."""
+        sub = str(self.setting("loraclr_output_subfolder", "") or "").strip().strip("/\\")
+        if sub and (".." in Path(sub).parts or Path(sub).is_absolute()):
+            raise InvalidInputError(
+                f"Output subfolder {sub!r} must stay inside the Lora folder; fix it in Settings."
+            )
+        folder = self.lora_dir / sub if sub else self.lora_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def model(self, load: bool = True) -> Any:
+        """The loaded model. Forge builds it lazily (``FakeInitialModel`` until then), so
+        with ``load`` its ``sd_models.forge_model_reload()`` runs first (a no-op when the
+        selected checkpoint is already loaded); merges call this under the queue lock."""
+        reload = getattr(self.sd_models, "forge_model_reload", None)
+        if load and callable(reload):
+            reload()
+        return self.sd_models.model_data.sd_model
+
+    def model_architecture(self) -> Architecture | None:
+        """The loaded model's architecture, for greying out LoRAs; ``None`` when unknown.
+
+        Peeks without loading: the list is drawn at start-up and on every search keystroke,
+        outside the queue lock, and must not load a Forge checkpoint there.
+        """
+        try:
+            return model_architecture(self.model(load=False))
+        except LoraClrError:
+            return None
+
+    # -- the list
+
+    def lora_files(self) -> Iterator[Path]:
+        root = self.lora_dir
+        if not root.is_dir():
+            return
+        for folder, dirs, files in os.walk(root, followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if name.lower().endswith(LORA_SUFFIXES):
+                    yield Path(folder) / name
+
+    def list_loras(self, query: str = "") -> list[LoraEntry]:
+        """Every LoRA in the Lora folder (recursively), filtered by ``query``."""
+        from loraclr_ext.files.read import describe_lora
+
+        arch = self.model_architecture()
+        entries = []
+        for path in self.lora_files():
+            stat = path.stat()
+            key = (str(path), stat.st_mtime_ns, stat.st_size, arch, self.check_shapes)
+            if key not in self._cache:
+                info = describe_lora(path, arch, check_shapes=self.check_shapes)
+                self._cache[key] = _entry(info, path.relative_to(self.lora_dir), arch)
+            entries.append(self._cache[key])
+        words = query.lower().split()
+        return [e for e in entries if all(w in _haystack(e) for w in words)]
+
+    def resolve(self, name: str) -> Path:
+        """A list name (file stem or path relative to the Lora folder) -> its file."""
+        for entry in self.list_loras():
+            if name in (entry.name, entry.file):
+                if entry.reason:
+                    raise InvalidInputError(f"{entry.file} cannot be merged: {entry.reason}")
+                return self.lora_dir / entry.file
+        raise InvalidInputError(f"No LoRA named {name!r} in {self.lora_dir}; refresh the list.")
+
+    # -- merging
+
+    @contextmanager
+    def job(self, name: str = "loraclr-merge") -> Iterator[None]:
+        """Hold the generation lock and a ``shared.state`` job (REST; the tab uses
+        ``wrap_gradio_gpu_call``, which does the same)."""
+        with self.call_queue.queue_lock:
+            self.shared.state.begin(job=name)
+            try:
+                yield
+            finally:
+                self.shared.state.end()
+
+    def merge(self, rows: list[ConceptRow], options: MergeOptions) -> Any:
+        """Validate, merge on the loaded checkpoint, write, refresh the Lora list.
+
+        Call with the generation lock held. Returns the engine's ``MergeResult``.
+
+        Raises:
+            LoraClrError: any bad input, no model, out of memory, interrupt.
+        """
+        from loraclr_ext.engine import merge
+        from loraclr_ext.hosts.webui.make import make_host
+        from loraclr_ext.pipeline.plan import output_path
+        from loraclr_ext.ui.progress import StateProgress
+
+        specs = [ConceptSpec(self.resolve(r.name), r.prompt, float(r.strength)) for r in rows]
+        out = output_path(self.output_dir(), options.output)
+        try:
+            result = merge(
+                specs,
+                options,
+                out,
+                lambda: make_host(self.model(), self),
+                StateProgress(self.shared.state),
+                check_shapes=self.check_shapes,
+            )
+        finally:
+            if hasattr(self.devices, "torch_gc"):
+                self.devices.torch_gc()
+        self.refresh_networks()
+        return result
+
+    def refresh_networks(self) -> None:
+        """Let the built-in Lora extension see the new file (dossier Appendix B.8); on
+        Forge / reForge also drop the cached state dicts and LoRA hash, so a file
+        rewritten under the same name is read again (forge.md §4)."""
+        if self.networks is not None and hasattr(self.networks, "list_available_networks"):
+            self.networks.list_available_networks()
+        forget_cached_loras(self.model(load=False), self.networks)
+
+
+def parse_options(ctx: WebuiContext, values: dict[str, Any]) -> MergeOptions:
+    """Settings defaults overlaid with ``values`` (unknown keys are an error)."""
+    merged = {**ctx.default_options(), **values}
+    if merged.get("rank") in (0, "", None):
+        merged["rank"] = None
+    return MergeOptions.from_dict(merged)
+
+
+def user_message(exc: BaseException) -> str:
+    """The message to show for ``exc``; unexpected errors are logged with a traceback."""
+    if isinstance(exc, LoraClrError):
+        return str(exc)
+    if isinstance(exc, TypeError | ValueError):
+        return f"Invalid input: {exc}"
+    log.exception("LoRACLR merge failed")
+    return f"Unexpected error ({type(exc).__name__}: {exc}); see the console. Nothing was written."
+
+
+def _entry(info: Any, rel: Path, arch: Architecture | None) -> LoraEntry:
+    reason = info.reason
+    if reason is None and arch is not None and info.architecture not in (None, arch):
+        reason = f"{info.architecture.label} LoRA; the loaded checkpoint is {arch.label}"
+    return LoraEntry(
+        name=info.name,
+        file=rel.as_posix(),
+        architecture=info.architecture.label if info.architecture else "unknown",
+        format=info.format or "unreadable",
+        rank=info.rank,
+        triggers=list(info.triggers),
+        reason=reason,
+    )
+
+
+def _haystack(entry: LoraEntry) -> str:
+    return " ".join([entry.file, entry.architecture, entry.format, *entry.triggers]).lower()
+
+
+__all__ = [
+    "ConceptRow",
+    "LoraEntry",
+    "WebuiContext",
+    "parse_options",
+    "user_message",
+]

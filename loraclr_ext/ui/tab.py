@@ -1,0 +1,215 @@
+"""The "LoRACLR Merge" tab, for gradio 3.41.2 (A1111 1.10, reForge) and 4.40.0 (Forge).
+
+Only the API both versions share is used: components built with keyword arguments both
+accept, ``gr.update(...)`` dicts (never ``gr.X.update``), no ``.style()``; the one
+difference, the keyword naming an event's JavaScript function, goes through :func:`js`.
+Handlers are plain methods of :class:`TabHandlers` so tests can call them directly as
+well as through the built Blocks. Element ids are ``loraclr_*``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loraclr_ext.pipeline.fields import FieldSpec, option_fields
+from loraclr_ext.ui import render
+from loraclr_ext.ui.service import ConceptRow, WebuiContext, parse_options, user_message
+
+HEADERS = ["LoRA", "concept prompt", "strength"]
+
+
+class TabHandlers:
+    """The tab's event handlers over one :class:`WebuiContext`."""
+
+    def __init__(self, ctx: WebuiContext) -> None:
+        self.ctx = ctx
+        self.specs = option_fields()
+
+    # -- list
+
+    def choices(self) -> list[str]:
+        """Names offered for selection: usable (compatible, readable) LoRAs only."""
+        return [e.name for e in self.ctx.list_loras() if e.usable]
+
+    def list_html(self, query: str = "") -> str:
+        shown = self.ctx.list_loras(query or "")
+        return render.lora_table(shown, len(self.ctx.list_loras()))
+
+    def refresh(self, query: str = "") -> tuple[str, Any]:
+        """Rescan the Lora folder: new table and selector choices."""
+        import gradio as gr
+
+        self.ctx.refresh_networks()
+        return self.list_html(query), gr.update(choices=self.choices())
+
+    def select(self, selected: list[str] | None, rows: Any) -> list[list[Any]]:
+        """Concept rows for the selection: kept rows keep their edits, new rows get the
+        LoRA's metadata triggers as prompt and strength 1."""
+        current = {r[0]: r for r in _rows(rows)}
+        triggers = {e.name: e.triggers for e in self.ctx.list_loras()}
+        out = []
+        for name in selected or []:
+            if name in current:
+                out.append(list(current[name]))
+            else:
+                out.append([name, ", ".join(triggers.get(name, [])), 1.0])
+        return out
+
+    # -- merge
+
+    def merge(
+        self, task_id: str, selected: list[str] | None, rows: Any, *values: Any
+    ) -> tuple[str, str]:
+        """Run one merge; returns (prompt tag, result HTML). Never raises for bad input:
+        the message goes to the panel and nothing is written.
+
+        The ticked LoRAs decide what is merged: the concept table is reconciled with them
+        first, because a quick second tick can reach the table after Merge was pressed
+        (seen in a real A1111: two ticked, one row, "select at least two")."""
+        try:
+            options = parse_options(self.ctx, self.option_values(values))
+            concepts = [
+                ConceptRow(str(r[0]), str(r[1] or ""), _strength(r[2]))
+                for r in self.select(selected, rows)
+            ]
+            result = self.ctx.merge(concepts, options)
+        except Exception as exc:  # every failure becomes a panel message
+            return "", render.message(user_message(exc))
+        return result.prompt_tag, render.result_panel(result)
+
+    def option_values(self, values: tuple[Any, ...]) -> dict[str, Any]:
+        """Widget values (in :func:`option_fields` order) -> option dict."""
+        out = {}
+        for spec, value in zip(self.specs, values, strict=True):
+            if spec.kind == "int" and value is not None:
+                value = int(value)
+            elif spec.kind == "float" and value is not None:
+                value = float(value)
+            out[spec.name] = value
+        return out
+
+    def interrupt(self) -> None:
+        self.ctx.shared.state.interrupt()
+
+
+def _rows(rows: Any) -> list[list[Any]]:
+    """Dataframe value (list of lists, or a pandas frame) -> rows with a LoRA name."""
+    if rows is None:
+        return []
+    if hasattr(rows, "values") and hasattr(rows, "columns"):
+        rows = rows.values.tolist()
+    return [list(r) + [""] * (3 - len(r)) for r in rows if r and str(r[0]).strip()]
+
+
+def _strength(value: Any) -> float:
+    try:
+        return float(value) if value not in (None, "") else 1.0
+    except (TypeError, ValueError):
+        return float("nan")  # the engine's strength check reports it
+
+
+def gradio_major() -> int:
+    """Major version of the installed gradio (3 on A1111 1.10 / reForge, 4 on Forge)."""
+    import gradio as gr
+
+    return int(gr.__version__.split(".", 1)[0])
+
+
+def js(function: str) -> dict[str, str]:
+    """Event-listener keyword running the global JS ``function`` before (or instead of) the
+    Python handler: ``_js=`` in gradio 3, ``js=`` in gradio 4 (gradio 3 rejects ``js=``;
+    plain gradio 4 rejects ``_js=``, only Forge's shim renames it)."""
+    return {"js" if gradio_major() >= 4 else "_js": function}
+
+
+def _widget(spec: FieldSpec, default: Any) -> Any:
+    import gradio as gr
+
+    common = {"label": spec.label, "info": spec.help, "elem_id": f"loraclr_opt_{spec.name}"}
+    if spec.kind == "bool":
+        return gr.Checkbox(value=bool(default), **common)
+    if spec.kind == "choice":
+        return gr.Radio(choices=list(spec.choices), value=default, **common)
+    if spec.kind == "text":
+        return gr.Textbox(value=default or "", **common)
+    bounds = {k: v for k, v in (("minimum", spec.minimum), ("maximum", spec.maximum)) if v}
+    if spec.name == "rank":
+        return gr.Number(value=default or 0, precision=0, minimum=0, **common)
+    precision = 0 if spec.kind == "int" else None
+    return gr.Number(value=default, precision=precision, **bounds, **common)
+
+
+def create_tab(ctx: WebuiContext) -> tuple[Any, TabHandlers]:
+    """Build the tab's Blocks; returns it with its handlers."""
+    import gradio as gr
+
+    h = TabHandlers(ctx)
+    defaults = ctx.default_options()
+    with gr.Blocks(analytics_enabled=False) as tab:
+        task_id = gr.Textbox(visible=False, elem_id="loraclr_task_id")
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Row():
+                    search = gr.Textbox(
+                        label="Search", placeholder="name, trigger, SD1…", elem_id="loraclr_search"
+                    )
+                    refresh = gr.Button("🔄 Refresh", elem_id="loraclr_refresh", scale=0)
+                table = gr.HTML(h.list_html(), elem_id="loraclr_list")
+                selector = gr.Dropdown(
+                    choices=h.choices(),
+                    multiselect=True,
+                    label="LoRAs to merge (incompatible ones are not offered)",
+                    elem_id="loraclr_select",
+                )
+                concepts = gr.Dataframe(
+                    headers=HEADERS,
+                    datatype=["str", "str", "number"],
+                    col_count=(3, "fixed"),
+                    type="array",
+                    interactive=True,
+                    label="Concepts: prompt with trigger words, and strength",
+                    elem_id="loraclr_concepts",
+                )
+            with gr.Column(scale=2):
+                widgets = []
+                for spec in h.specs:
+                    if not spec.advanced:
+                        widgets.append(_widget(spec, defaults[spec.name]))
+                with gr.Accordion("Advanced", open=False):
+                    for spec in h.specs:
+                        if spec.advanced:
+                            widgets.append(_widget(spec, defaults[spec.name]))
+                order = {w.elem_id: w for w in widgets}
+                widgets = [order[f"loraclr_opt_{s.name}"] for s in h.specs]
+                with gr.Row():
+                    merge = gr.Button("Merge", variant="primary", elem_id="loraclr_merge")
+                    stop = gr.Button("Interrupt", elem_id="loraclr_interrupt")
+                gr.HTML("", elem_id="loraclr_progress")
+                result = gr.HTML(elem_id="loraclr_result")
+                with gr.Row():
+                    tag = gr.Textbox(
+                        label="Use in a prompt",
+                        interactive=False,
+                        show_copy_button=True,
+                        elem_id="loraclr_prompt_tag",
+                    )
+                    send = gr.Button("Send to txt2img", elem_id="loraclr_send_txt2img", scale=0)
+
+        search.change(h.list_html, inputs=[search], outputs=[table], queue=False)
+        refresh.click(h.refresh, inputs=[search], outputs=[table, selector])
+        # Outside the queue, like the search box: a cheap update that must not wait
+        # behind (or be merged with) the previous tick's.
+        selector.change(h.select, inputs=[selector, concepts], outputs=[concepts], queue=False)
+        run = ctx.call_queue.wrap_gradio_gpu_call(h.merge, extra_outputs=[""])
+        merge.click(
+            run,
+            inputs=[task_id, selector, concepts, *widgets],
+            outputs=[tag, result],
+            **js("loraclrStartMerge"),
+        ).then(fn=None, **js("loraclrRefreshCards")).then(
+            h.refresh, inputs=[search], outputs=[table, selector]
+        )
+        stop.click(h.interrupt, queue=False)
+        send.click(fn=None, inputs=[tag], **js("loraclrSendToTxt2img"))
+    tab.loraclr_handlers = h
+    return tab, h
