@@ -86,7 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON")
 
     demo = commands.add_parser("demo", help="self-contained demo merge on a tiny built-in model")
-    demo.add_argument("--workdir", type=Path, help="keep the model, LoRAs and result here")
+    demo.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("loraclr-demo"),
+        help="where the model, LoRAs and result are kept (default ./loraclr-demo)",
+    )
     return parser
 
 

@@ -142,5 +142,7 @@ def _style(
     up = torch.randn(w0.shape[0], settings.rank, generator=g)
     down = torch.randn(settings.rank, w0.shape[1], generator=g)
     scale = settings.style * float(w0.norm()) / float((up @ down).norm())
-    kernel = tuple(module.weight.shape[2:]) if module.weight.ndim == 4 else None
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    kernel = (int(weight.shape[2]), int(weight.shape[3])) if weight.ndim == 4 else None
     return ModuleDelta(up * scale**0.5, down * scale**0.5, kernel)

@@ -8,7 +8,6 @@ one kohya LoRA out, quality report) in well under a minute on a laptop CPU.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,45 +44,45 @@ def build_demo_loras(host: Host, folder: Path) -> list[Path]:
     return paths
 
 
-def run_demo(workdir: Path | None, progress: Progress | None = None) -> dict:
-    """Build, merge, report; returns the report as a dict (also printed and saved)."""
+def run_demo(workdir: Path, progress: Progress | None = None) -> dict:
+    """Build a tiny model and three concept LoRAs in ``workdir``, merge them, print and save
+    the report (``merged.report.json``); every file stays in ``workdir``."""
     from loraclr_ext.demo.tiny import save_tiny_model
-    from loraclr_ext.engine import run_merge
+    from loraclr_ext.engine import merge
     from loraclr_ext.hosts.standalone import StandaloneHost
     from loraclr_ext.pipeline.options import ConceptSpec, MergeOptions
-    from loraclr_ext.pipeline.plan import plan_merge
 
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(workdir) if workdir else Path(tmp)
-        root.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        model = save_tiny_model(Architecture.SD1, root / "tiny-sd1", text_width=TEXT_WIDTH)
-        host = StandaloneHost.load(model, "cpu")
-        loras = build_demo_loras(host, root)
-        print(f"built a tiny SD1 model and {len(loras)} concept LoRAs in {root}")
-        specs = [
-            ConceptSpec(path, prompt) for path, (prompt, _) in zip(loras, CONCEPTS, strict=True)
-        ]
-        options = MergeOptions(output="merged", size=64, steps=8, overwrite=True)
-        plan = plan_merge(
-            specs, options, host.architecture, root / "merged.safetensors", check_shapes=False
-        )
-        result = run_merge(plan, host, progress)
-        if hasattr(progress, "close"):
-            progress.close()
-        total = time.perf_counter() - started
-        modules = len(result.layers)
-        print(f"wrote {result.path.name} ({modules} modules), use it as: {result.prompt_tag}")
-        print(f"demo took {total:.1f} s (merge stages: {result.seconds})\n")
-        print(result.report.table())
-        summary = {
-            "seconds": round(total, 2),
-            "stages": result.seconds,
-            "report": result.report.to_dict(),
-        }
-        (root / "merged.report.json").write_text(json.dumps(summary, indent=2))
-        _explain(result.report)
-        return summary
+    root = Path(workdir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    model = save_tiny_model(Architecture.SD1, root / "tiny-sd1", text_width=TEXT_WIDTH)
+    host = StandaloneHost.load(model, "cpu")
+    loras = build_demo_loras(host, root)
+    print(f"built a tiny SD1 model and {len(loras)} concept LoRAs in {root}")
+    specs = [ConceptSpec(path, prompt) for path, (prompt, _) in zip(loras, CONCEPTS, strict=True)]
+    options = MergeOptions(output="merged", size=64, steps=8, overwrite=True)
+    output = root / "merged.safetensors"
+    result = merge(specs, options, output, lambda: host, progress, check_shapes=False)
+    if hasattr(progress, "close"):
+        progress.close()
+    total = time.perf_counter() - started
+    modules = len(result.layers)
+    print(f"wrote {output.name} ({modules} modules), use it as: {result.prompt_tag}")
+    print(f"demo took {total:.1f} s (merge stages: {result.seconds})\n")
+    assert result.report is not None  # quality is on in the demo's options
+    print(result.report.table())
+    summary = {
+        "seconds": round(total, 2),
+        "stages": result.seconds,
+        "report": result.report.to_dict(),
+    }
+    (root / "merged.report.json").write_text(json.dumps(summary, indent=2))
+    _explain(result.report)
+    print(
+        f"\nFiles kept in {root}: the model (tiny-sd1/), the concept LoRAs, merged.safetensors, "
+        "merged.json and merged.report.json."
+    )
+    return summary
 
 
 def _explain(report: QualityReport) -> None:

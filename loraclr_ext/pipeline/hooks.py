@@ -88,11 +88,12 @@ def recording(
             def hook(mod, args, output, ref=ref, geometry=geometry):
                 x = args[0].detach()
                 weights = token_weights()
-                use = weights is not None and geometry is None and x.ndim == 3
-                if use and tuple(weights.shape) != tuple(x.shape[:2]):
-                    use = False  # e.g. a UNet attention over pixels: not token-weighted
+                if geometry is not None or x.ndim != 3:
+                    weights = None
+                elif weights is not None and tuple(weights.shape) != tuple(x.shape[:2]):
+                    weights = None  # e.g. a UNet attention over pixels: not token-weighted
                 rows = input_rows(x, geometry)
-                sink(ref, rows, weights.reshape(-1).to(rows.device) if use else None)
+                sink(ref, rows, None if weights is None else weights.reshape(-1).to(rows.device))
 
             handles.append(module.register_forward_hook(hook))
         yield
