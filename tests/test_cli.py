@@ -28,6 +28,7 @@ def merge_args(demo, out, *extra, loras=None, prompts=None):
     return [*args, *extra]
 
 
+@pytest.mark.slow
 def test_merge_writes_lora_sidecar_and_report(sd1_demo, tmp_path, capsys):
     out = tmp_path / "duo.safetensors"
     code, stdout, err = run(capsys, *merge_args(sd1_demo, out, "--report", tmp_path / "r.json"))
@@ -141,6 +142,7 @@ def test_broken_files_are_refused_by_name(kind, sd1_demo, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_existing_output_is_kept_without_overwrite(sd1_demo, tmp_path, capsys):
     out = tmp_path / "mine.safetensors"
     out.write_bytes(b"user data")

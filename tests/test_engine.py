@@ -17,6 +17,8 @@ from loraclr_ext.pipeline.options import HELD_OUT_TEMPLATES, ConceptSpec, MergeO
 from loraclr_ext.pipeline.plan import plan_merge
 from loraclr_ext.report.quality import _run
 
+pytestmark = pytest.mark.slow  # whole merges on the tiny model
+
 FAST = {"size": 64, "steps": 8}
 
 
@@ -176,7 +178,7 @@ def test_collection_memory_does_not_grow_with_steps_or_prompts(sd1_demo, tmp_pat
     host = sd1_demo["host"]
 
     def plan_for(steps):
-        options = MergeOptions(size=256, steps=steps, quality=False)
+        options = MergeOptions(size=128, steps=steps, quality=False)
         return plan_merge(
             specs(sd1_demo),
             options,
@@ -186,13 +188,13 @@ def test_collection_memory_does_not_grow_with_steps_or_prompts(sd1_demo, tmp_pat
         )
 
     _collection_peak_mib(host, plan_for(1))  # warm-up: allocator pools, lazy inits
-    peak_small, size_small = _collection_peak_mib(host, plan_for(4))
-    peak_steps, size_steps = _collection_peak_mib(host, plan_for(8))
+    peak_small, size_small = _collection_peak_mib(host, plan_for(2))
+    peak_steps, size_steps = _collection_peak_mib(host, plan_for(4))
     templates = collect_module.TEMPLATES
     monkeypatch.setattr(
         collect_module, "TEMPLATES", templates + tuple("an image of " + t for t in templates)
     )
-    peak_prompts, size_prompts = _collection_peak_mib(host, plan_for(4))
+    peak_prompts, size_prompts = _collection_peak_mib(host, plan_for(2))
     assert size_small == size_steps == size_prompts  # the statistics themselves: exactly equal
     assert peak_steps <= peak_small * 1.25 + 8
     assert peak_prompts <= peak_small * 1.25 + 8

@@ -366,6 +366,7 @@ def test_sdxl_encode_concatenates_penultimate_states(xl: StandaloneHost) -> None
 # ---------------------------------------------------------------------------- sampling
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sd1", "xl"])
 def test_sample_is_seeded_and_runs_the_unet_steps_times(name: str, request) -> None:
     host: StandaloneHost = request.getfixturevalue(name)

@@ -18,6 +18,8 @@ from loraclr_ext.pipeline.options import ConceptSpec, MergeOptions
 from loraclr_ext.pipeline.plan import plan_merge
 from loraclr_ext.report.quality import _run
 
+pytestmark = pytest.mark.slow  # whole merges on the tiny model
+
 pytest.importorskip("peft", reason="diffusers needs peft to load LoRAs")
 
 
