@@ -29,7 +29,7 @@ from loraclr_ext.pipeline.hooks import applied, recording
 from loraclr_ext.pipeline.plan import is_cross_kv
 
 TRAIN_TEMPLATES = ("{}", "a photo of {}", "{} in a garden", "a portrait of {}", "a painting of {}")
-NEUTRAL = (
+FIT_NEUTRAL_PROMPTS = (
     "a photo of a dog",
     "a photo of a cat",
     "a castle in the style of a painting",
@@ -78,7 +78,7 @@ def fit_concept(
     refs = concept_refs(host)
     modules = host.modules(refs)
     positives = [t.format(prompt) for t in TRAIN_TEMPLATES]
-    negatives = [t.format(o) for o in others for t in TRAIN_TEMPLATES] + list(NEUTRAL)
+    negatives = [t.format(o) for o in others for t in TRAIN_TEMPLATES] + list(FIT_NEUTRAL_PROMPTS)
     prompts = positives + negatives
     trig_ids = set(host.tokenize([trigger]).ids[0][1:-1])
     trigger_rows = token_roles(host, positives, trig_ids).trigger  # [P, T]
