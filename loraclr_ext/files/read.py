@@ -287,11 +287,11 @@ def read_lora(
                 if match.scale is not None:
                     tensors["scale"] = torch.tensor(match.scale)  # PEFT header scale
                 try:
-                    delta, label = match.adapter.build(tensors)
+                    delta, _ = match.adapter.build(tensors)
                 except FormatError as exc:
                     raise LoraFileError(f"{path}: module '{match.ref}': {exc}.") from exc
                 deltas[match.ref] = _native_kernel(delta, match)
-                labels.add(label)
+                labels.add(_label(match))
     except LoraClrError:
         raise
     except Exception as exc:
@@ -307,6 +307,17 @@ def read_lora(
         triggers=triggers_from_metadata(metadata),
         sha256=file_sha256(path),
     )
+
+
+def precheck_lora(path: str | Path, *, check_shapes: bool = True) -> None:
+    """Raise for what no base model can fix, from the header alone: not a safetensors file
+    (or a folder), another model family, DoRA/OFT/…, bundled embeddings. The checks that
+    depend on the base model's architecture run again in :func:`read_lora`."""
+    path = Path(path)
+    shapes, metadata = read_header(path)
+    reported, arch, plan = _resolve_arch(path, shapes, metadata, None, check_shapes)
+    if plan.modules("unsupported", "embedding"):
+        _refuse(path, plan, arch, reported, 1.0)
 
 
 # ----------------------------------------------------------------------------- describing

@@ -14,10 +14,9 @@ import torch
 from loraclr_ext.errors import (
     ArchitectureMismatchError,
     InvalidInputError,
-    LoraFileError,
     OutputExistsError,
 )
-from loraclr_ext.files.read import read_header, read_lora
+from loraclr_ext.files.read import precheck_lora, read_lora
 from loraclr_ext.model.architecture import Architecture
 from loraclr_ext.model.deltas import LoraFile, ModuleDelta
 from loraclr_ext.model.targets import ModuleRef
@@ -116,21 +115,33 @@ def plan_merge(
 
 
 def precheck(
-    specs: list[ConceptSpec], options: MergeOptions, output: Path, *, min_concepts: int = 2
+    specs: list[ConceptSpec],
+    options: MergeOptions,
+    output: Path,
+    *,
+    min_concepts: int = 2,
+    check_shapes: bool = True,
 ) -> None:
-    """The checks that need no model and no file contents: run them before loading anything."""
+    """Every check that needs no model: run before loading anything.
+
+    Request shape (count, distinct files, prompts), every LoRA's container and the parts
+    of it no base model can change (another model family, DoRA/OFT, bundled embeddings,
+    flattened conv kernels that fit no module), then the output file, its sidecar
+    ``<name>.json`` and the output directory.
+    """
     if len(specs) < min_concepts:
         raise InvalidInputError(f"Select at least two LoRAs to merge (got {len(specs)}).")
     _check_distinct_files(specs)
     _check_prompts(specs)
     for spec in specs:
-        if not Path(spec.path).is_file():
-            raise LoraFileError(f"LoRA file {spec.path} does not exist.")
-        read_header(Path(spec.path))  # pickles, corrupt and truncated files fail here, fast
+        precheck_lora(Path(spec.path), check_shapes=check_shapes)
     if output.suffix.lower() != ".safetensors":
         raise InvalidInputError(f"Output {output.name} must end in .safetensors.")
-    if output.exists() and not options.overwrite:
-        raise OutputExistsError(f"{output} already exists; choose another name or allow overwrite.")
+    for target in (output, output.with_suffix(".json")):
+        if target.exists() and not options.overwrite:
+            raise OutputExistsError(
+                f"{target} already exists; choose another name or allow overwrite."
+            )
     if not output.parent.is_dir():
         raise InvalidInputError(
             f"Output directory {output.parent} does not exist; create it first."
@@ -170,8 +181,6 @@ def _check_prompts(specs: list[ConceptSpec]) -> None:
 
 def _read_concept(spec: ConceptSpec, architecture: Architecture, check_shapes: bool) -> Concept:
     path = Path(spec.path)
-    if not path.is_file():
-        raise LoraFileError(f"LoRA file {path} does not exist.")
     lora = read_lora(path, architecture, check_shapes=check_shapes)
     if lora.architecture is not None and lora.architecture != architecture:
         raise ArchitectureMismatchError(
