@@ -110,9 +110,22 @@ def merge(
         LoraClrError: bad input (before any model work), no model, interrupt.
         OutOfMemoryMergeError: the device ran out of memory; the message says what to lower.
     """
-    precheck(list(specs), options, output, check_shapes=check_shapes)
+    needs_base = precheck(list(specs), options, output, check_shapes=check_shapes)
     host = open_host()
-    plan = plan_merge(list(specs), options, host.architecture, output, check_shapes=check_shapes)
+    if needs_base:  # DoRA: its change is baked with the clean base weights
+        with torch.no_grad(), host.clean_weights():
+            plan = plan_merge(
+                list(specs),
+                options,
+                host.architecture,
+                output,
+                check_shapes=check_shapes,
+                base_weight=host.base_weight,
+            )
+    else:
+        plan = plan_merge(
+            list(specs), options, host.architecture, output, check_shapes=check_shapes
+        )
     try:
         return run_merge(plan, host, progress)
     except torch.OutOfMemoryError as exc:

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from loraclr_ext.files.dora import DORA_PARTS, magnitude_axis
 from loraclr_ext.files.formats import SIDE_PARTS, Adapter, FormatError, Shape, ShapeInfo, claim
 from loraclr_ext.files.keys import component_of, foreign_family, group_keys, resolve_module
 from loraclr_ext.files.scale import PeftConfig, peft_scale
@@ -32,6 +33,8 @@ class Match:
         kernel: the conv kernel the delta takes — the file's, or the target module's when
             the file stores the conv factor flattened to ``[r, in·kh·kw]``.
         scale: a scale from the header (PEFT metadata), ``None`` when the tensors hold it.
+        dora: the file key of the module's DoRA magnitude, ``""`` for a plain module.
+        dora_axis: ``"out"`` or ``"in"`` (see :mod:`loraclr_ext.files.dora`).
     """
 
     ref: ModuleRef
@@ -41,6 +44,8 @@ class Match:
     info: ShapeInfo
     kernel: tuple[int, int] | None
     scale: float | None = None
+    dora: str = ""
+    dora_axis: str = ""
 
 
 @dataclass
@@ -119,6 +124,10 @@ def _match_group(
     check_shapes: bool,
 ) -> Match:
     """Match one module group or raise FormatError with the reason and its kind."""
+    keys = dict(keys)
+    dora = {p: keys.pop(p) for p in DORA_PARTS if p in keys}
+    if len(dora) > 1:
+        raise FormatError("two DoRA magnitudes in one module")
     adapter = claim(set(keys))
     info = adapter.shape_info({part: shapes[key] for part, key in keys.items()})
     ref = resolve_module(module, arch)
@@ -134,7 +143,13 @@ def _match_group(
             f"[{spec.out_features}, {spec.flat_in}] of {arch.label}",
             "shape",
         )
-    return Match(ref, spec, adapter, keys, info, kernel)
+    match = Match(ref, spec, adapter, keys, info, kernel)
+    for part, key in dora.items():
+        kh, kw = kernel or (1, 1)
+        in_channels = info.flat_in // (kh * kw)
+        match.dora_axis = magnitude_axis(part, shapes[key], info.out_features, in_channels)
+        match.dora = key
+    return match
 
 
 def _side_parts(module: str, keys: dict[str, str], whole: bool) -> Leftover:
@@ -237,24 +252,33 @@ def _examples(items: list[Leftover], n: int = 2) -> str:
     return "; ".join(f"{x.module}: {x.reason}" for x in items[:n])
 
 
-def refusal(plan: Plan, what: str, arch: Architecture, limit: float) -> str | None:
+def refusal(
+    plan: Plan, what: str, arch: Architecture, limit: float, dora_ok: bool = True
+) -> str | None:
     """Why the file cannot be merged on ``arch``, or ``None``. ``what`` names the file
     (``"x.safetensors (LoRA, SD 1.x)"``). Counts are modules, never keys.
 
-    Refused: an algorithm we do not merge (DoRA, OFT, …) in any module; a bundled
+    Refused: DoRA without base weights (``dora_ok`` False); an algorithm we do not merge
+    (OFT, IA3, GLoRA) in any module; a bundled
     embedding (its trigger word would stop working); a whole component (UNet or a text
     encoder) matching nothing; no module at all; or more than ``limit`` of the modules
     unmatched for any other reason.
     """
     total = plan.total_modules
+    dora = [m for m in plan.matches.values() if m.dora]
+    if dora and not dora_ok:
+        return (
+            f"{what} uses DoRA in {len(dora)} of {total} modules; DoRA needs the base model's "
+            "weights to be merged, and none were given."
+        )
     unsupported = plan.modules("unsupported")
     if unsupported:
         algos = Counter(x.label for x in unsupported)
         return (
             f"{what} uses {count_phrase(algos)} in {len(unsupported)} of {total} modules; "
             f"{' and '.join(sorted(algos))} {'is' if len(algos) == 1 else 'are'} not supported "
-            "(their change to the base weights is not a LoRA delta this merge can reproduce), "
-            "so merging would lose them. Use a plain LoRA/LoCon/LoHa/LoKr export of it."
+            "(this merge does not read their weights yet), so merging would lose them. "
+            "Use a LoRA/LoCon/LoHa/LoKr/DoRA export of it."
         )
     embeddings = plan.modules("embedding")
     if embeddings:

@@ -16,7 +16,7 @@ import hashlib
 import json
 import struct
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from loraclr_ext.errors import (
     UnmatchedKeysError,
 )
 from loraclr_ext.files.detect import foreign_architecture, lora_architecture
+from loraclr_ext.files.dora import bake
 from loraclr_ext.files.formats import FormatError, Shape
 from loraclr_ext.files.match import Match, Plan, leftover_summary, plan_file, refusal
 from loraclr_ext.files.scale import peft_configs
@@ -202,18 +203,25 @@ def _resolve_arch(
 
 
 def _label(match: Match) -> str:
-    """Format label of a group from shapes alone (``lora`` vs ``locon`` by conv kernel)."""
-    if match.adapter.name == "lora":
+    """Format label of a group from shapes alone (``lora`` vs ``locon`` by conv kernel;
+    ``+dora`` for a weight-decomposed module)."""
+    name = match.adapter.name
+    if name == "lora":
         is_conv = "lora_mid.weight" in match.keys or match.kernel not in (None, (1, 1))
-        return "locon" if is_conv else "lora"
-    return match.adapter.name
+        name = "locon" if is_conv else "lora"
+    return f"{name}+dora" if match.dora else name
 
 
 def _join_labels(labels: set[str]) -> str:
-    """``'+'``-joined labels; LoCon files contain plain LoRA modules too, so those merge."""
+    """``'+'``-joined labels; LoCon files contain plain LoRA modules too, so those merge;
+    ``dora`` goes last (``lora+dora``)."""
+    labels = {part for label in labels for part in label.split("+")}
+    dora = "dora" in labels
+    labels.discard("dora")
     if "locon" in labels:
         labels = labels - {"lora"}
-    return "+".join(sorted(labels)) if labels else "unknown"
+    joined = "+".join(sorted(labels)) if labels else "unknown"
+    return f"{joined}+dora" if dora else joined
 
 
 def _native_kernel(delta: ModuleDelta, match: Match) -> ModuleDelta:
@@ -243,12 +251,39 @@ def _load_tensors(f: object, path: Path, keys: Mapping[str, str]) -> dict[str, t
 
 
 def _refuse(
-    path: Path, plan: Plan, arch: Architecture, reported: Architecture | None, limit: float
+    path: Path,
+    plan: Plan,
+    arch: Architecture,
+    reported: Architecture | None,
+    limit: float,
+    dora_ok: bool = True,
 ) -> None:
     fmt = _join_labels({_label(m) for m in plan.matches.values()})
-    reason = refusal(plan, _what(path, fmt, reported), arch, limit)
+    reason = refusal(plan, _what(path, fmt, reported), arch, limit, dora_ok)
     if reason is not None:
         raise UnmatchedKeysError(reason)
+
+
+BaseWeight = Callable[[ModuleRef], torch.Tensor]
+"""The base model's weight of a module, ``[out, in·kh·kw]`` fp32 (``Host.base_weight``)."""
+
+
+def _bake_dora(
+    path: Path, match: Match, delta: ModuleDelta, f: object, base_weight: BaseWeight
+) -> ModuleDelta:
+    """The exact LoRA of a DoRA module's applied change on the base weights."""
+    magnitude = _load_tensors(f, path, {"m": match.dora})["m"]
+    try:
+        return bake(delta, base_weight(match.ref), magnitude, match.dora_axis)
+    except FormatError as exc:
+        raise LoraFileError(f"{path}: DoRA module '{match.ref}': {exc}.") from exc
+
+
+def _dora_note(ranks: list[int]) -> str:
+    return (
+        f"DoRA: {len(ranks)} modules baked exactly with the base weights (rank "
+        f"{min(ranks)}–{max(ranks)}); the merge's rank reduction reports what each layer keeps"
+    )
 
 
 def read_lora(
@@ -257,6 +292,7 @@ def read_lora(
     max_unmatched_fraction: float = 0.1,
     *,
     check_shapes: bool = True,
+    base_weight: BaseWeight | None = None,
 ) -> LoraFile:
     """Read a ``.safetensors`` LoRA of any supported format into exact per-module deltas.
 
@@ -268,6 +304,8 @@ def read_lora(
             modules map to no module of the architecture.
         check_shapes: require every delta to have the real model's shape for its module;
             pass ``False`` for miniature test models that keep the names but not the sizes.
+        base_weight: the base model's weights; needed (only) by DoRA modules, whose
+            applied change depends on them (:mod:`loraclr_ext.files.dora`).
 
     Raises:
         LoraFileError: missing, pickled, corrupt or truncated file; NaN/Inf tensors.
@@ -277,9 +315,10 @@ def read_lora(
     path = Path(path)
     shapes, metadata = read_header(path)
     reported, arch, plan = _resolve_arch(path, shapes, metadata, arch_hint, check_shapes)
-    _refuse(path, plan, arch, reported, max_unmatched_fraction)
+    _refuse(path, plan, arch, reported, max_unmatched_fraction, base_weight is not None)
     deltas: dict[ModuleRef, ModuleDelta] = {}
     labels: set[str] = set()
+    dora_ranks: list[int] = []
     try:
         with safe_open(str(path), framework="pt") as f:
             for match in plan.matches.values():
@@ -290,7 +329,11 @@ def read_lora(
                     delta, _ = match.adapter.build(tensors)
                 except FormatError as exc:
                     raise LoraFileError(f"{path}: module '{match.ref}': {exc}.") from exc
-                deltas[match.ref] = _native_kernel(delta, match)
+                delta = _native_kernel(delta, match)
+                if match.dora and base_weight is not None:
+                    delta = _bake_dora(path, match, delta, f, base_weight)
+                    dora_ranks.append(delta.rank)
+                deltas[match.ref] = delta
                 labels.add(_label(match))
     except LoraClrError:
         raise
@@ -302,22 +345,28 @@ def read_lora(
         format=_join_labels(labels),
         deltas=deltas,
         unmatched=plan.unmatched,
-        notes=[leftover_summary(plan)] if plan.leftovers else [],
+        notes=([leftover_summary(plan)] if plan.leftovers else [])
+        + ([_dora_note(dora_ranks)] if dora_ranks else []),
         metadata=metadata,
         triggers=triggers_from_metadata(metadata),
         sha256=file_sha256(path),
     )
 
 
-def precheck_lora(path: str | Path, *, check_shapes: bool = True) -> None:
+def precheck_lora(path: str | Path, *, check_shapes: bool = True) -> bool:
     """Raise for what no base model can fix, from the header alone: not a safetensors file
-    (or a folder), another model family, DoRA/OFT/…, bundled embeddings. The checks that
-    depend on the base model's architecture run again in :func:`read_lora`."""
+    (or a folder), another model family, OFT/IA3/GLoRA, bundled embeddings. The checks that
+    depend on the base model's architecture run again in :func:`read_lora`.
+
+    Returns:
+        whether the file has DoRA modules (their reading needs the base weights).
+    """
     path = Path(path)
     shapes, metadata = read_header(path)
     reported, arch, plan = _resolve_arch(path, shapes, metadata, None, check_shapes)
     if plan.modules("unsupported", "embedding"):
         _refuse(path, plan, arch, reported, 1.0)
+    return any(m.dora for m in plan.matches.values())
 
 
 # ----------------------------------------------------------------------------- describing

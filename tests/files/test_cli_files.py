@@ -49,6 +49,13 @@ def _dora(path: Path) -> Path:
     return path
 
 
+def _oft(path: Path) -> Path:
+    t = _pair(TE_Q, 768, 768) | _pair(K, 320, 768)
+    t["lora_te_text_model_encoder_layers_0_self_attn_k_proj.oft_blocks"] = torch.zeros(4, 192, 192)
+    save_file(t, str(path))
+    return path
+
+
 def _flux(path: Path) -> Path:
     t = _pair("lora_unet_double_blocks_0_img_attn_qkv", 96, 32)
     t |= _pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 768, 768)
@@ -91,11 +98,11 @@ CASES = {
         lambda d, t: merge_args(d, t / "o.safetensors", loras=[d["loras"][0], _folder(t / "f")]),
         "is a folder, not a LoRA file",
     ),
-    "dora": (
+    "oft": (
         lambda d, t: merge_args(
-            d, t / "o.safetensors", loras=[d["loras"][0], _dora(t / "d.safetensors")]
+            d, t / "o.safetensors", loras=[d["loras"][0], _oft(t / "d.safetensors")]
         ),
-        "uses DoRA in 1 of 2 modules",
+        "uses OFT in 1 of 3 modules",
     ),
     "flux": (
         lambda d, t: merge_args(
@@ -158,11 +165,14 @@ def test_inspect_names_each_kind(tmp_path, capsys):
     assert flux["architecture"] == "Flux" and "is a Flux LoRA (2 of 3 modules" in flux["reason"]
 
     code, dora = inspect(_dora(tmp_path / "d.safetensors"))
+    assert code == 0  # baked with the base weights when merged
+    assert dora["architecture"] == "SD 1.x" and dora["format"] == "lora+dora"
+    assert dora["ranks"] == [2] and dora["reason"] is None
+
+    code, oft = inspect(_oft(tmp_path / "o.safetensors"))
     assert code == 1
-    assert dora["architecture"] == "SD 1.x" and dora["format"] == "lora"
-    assert dora["ranks"] == [2]
-    assert dora["not merged"] == "1 modules of an unsupported algorithm (DoRA)"
-    assert "DoRA" in dora["reason"]
+    assert oft["not merged"] == "1 modules of an unsupported algorithm (OFT)"
+    assert "uses OFT in 1 of 3 modules" in oft["reason"]
 
     code, bundle = inspect(_bundle(tmp_path / "b.safetensors"))
     assert code == 1

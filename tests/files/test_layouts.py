@@ -306,22 +306,96 @@ def test_bundled_embedding_is_refused_by_name_and_listed_as_trigger(tmp_path: Pa
     assert "1 bundled embeddings (qpr)" in info.not_merged
 
 
+def _a1111_per_input(w: torch.Tensor, dw: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A1111 network.py apply_weight_decompose, written out: norm per input channel of
+    W + ΔW over (out, kh, kw); returns W' − W. ``w``/``dw`` in the module's own shape."""
+    calc = w + dw
+    norm = calc.transpose(0, 1).reshape(calc.shape[1], -1).norm(dim=1)
+    shape = [1, calc.shape[1]] + [1] * (calc.dim() - 2)
+    return calc * (scale.reshape(shape) / norm.reshape(shape)) - w
+
+
+def _forge_per_output(w: torch.Tensor, dw: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Forge backend/patcher/lora.py (ComfyUI weight_decompose), output axis: the row norm
+    of the base weight W; returns W' − W."""
+    norm = w.reshape(w.shape[0], -1).norm(dim=1)
+    shape = [w.shape[0]] + [1] * (w.dim() - 1)
+    return (w + dw) * (scale.reshape(shape) / norm.reshape(shape)) - w
+
+
 @pytest.mark.parametrize(
-    ("part", "shape"),
+    ("part", "shape", "axis"),
     [
-        ("dora_scale", (1, 768)),  # LyCORIS <= 3.1: per input column
-        ("dora_scale", (768, 1)),  # LyCORIS wd_on_out: per output row
-        ("lora_magnitude_vector", (768,)),  # PEFT → kohya via diffusers: part name kept
+        ("dora_scale", (1, 768), "in"),  # LyCORIS <= 3.1 / wd_on_output=False / OneTrainer
+        ("dora_scale", (320, 1), "out"),  # LyCORIS >= 3.2 wd_on_out (default)
+        ("lora_magnitude_vector", (320,), "out"),  # PEFT via diffusers' kohya conversion
     ],
 )
-def test_dora_is_refused_by_name_with_module_counts(tmp_path, part: str, shape) -> None:
+def test_dora_linear_is_baked_as_the_webuis_apply_it(tmp_path, part: str, shape, axis) -> None:
     g = gen(10)
-    t = _kohya_pair(g, SD1_TE_Q, 768, 768) | _kohya_pair(g, SD1_K, 320, 768)
-    t[f"{SD1_TE_Q}.{part}"] = rnd(g, *shape)
+    t = _kohya_pair(g, SD1_K, 320, 768)
+    t[f"{SD1_K}.alpha"] = torch.tensor(1.0)
+    w = rnd(g, 320, 768) * 0.05
+    dw = 0.5 * t[f"{SD1_K}.lora_up.weight"] @ t[f"{SD1_K}.lora_down.weight"] * 0.01
+    t[f"{SD1_K}.lora_up.weight"] *= 0.01
+    norms = (w + dw).norm(dim=0) if axis == "in" else w.norm(dim=1)
+    t[f"{SD1_K}.{part}"] = (norms * (1 + 0.2 * rnd(g, norms.numel()))).reshape(shape)
     path = save(tmp_path / "dora.safetensors", t)
-    with pytest.raises(UnmatchedKeysError, match=r"uses DoRA in 1 of 2 modules; DoRA is not"):
-        read_lora(path)
-    with pytest.raises(UnmatchedKeysError, match="DoRA"):
+    with pytest.raises(UnmatchedKeysError, match=r"uses DoRA in 1 of 1 modules; DoRA needs"):
+        read_lora(path)  # no base weights: refused by name, not read as a plain LoRA
+    assert precheck_lora(path) is True
+    ref = ModuleRef("unet", ATTN2_K)
+    lf = read_lora(path, base_weight=lambda r: w if r == ref else None)
+    independent = (_a1111_per_input if axis == "in" else _forge_per_output)(
+        w.double(), dw.double(), t[f"{SD1_K}.{part}"].double()
+    )
+    assert rel(lf.deltas[ref].dense().double(), independent) < 1e-5
+    assert lf.format == "lora+dora"
+    assert lf.notes[0].startswith("DoRA: 1 modules baked exactly")
+
+
+def test_dora_conv_per_input_and_peft_conv_magnitude(tmp_path: Path) -> None:
+    g = gen(15)
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    conv2 = "lora_unet_down_blocks_0_resnets_0_conv2"
+    w1, w2 = rnd(g, 320, 320, 3, 3) * 0.02, rnd(g, 320, 320, 3, 3) * 0.02
+    t = {
+        f"{name}.lora_down.weight": rnd(g, 2, 320, 3, 3) * 0.05,
+        f"{name}.lora_up.weight": rnd(g, 320, 2, 1, 1) * 0.05,
+        f"{conv2}.lora_down.weight": rnd(g, 2, 320, 3, 3) * 0.05,
+        f"{conv2}.lora_up.weight": rnd(g, 320, 2, 1, 1) * 0.05,
+    }
+    t[f"{name}.dora_scale"] = rnd(g, 1, 320, 1, 1).abs() + 0.5  # per input channel
+    t[f"{conv2}.lora_magnitude_vector"] = rnd(g, 1, 320, 1, 1).abs() + 0.5  # PEFT conv: out
+    refs = {CONV1: w1, ModuleRef("unet", "down_blocks.0.resnets.0.conv2"): w2}
+    lf = read_lora(
+        save(tmp_path / "dc.safetensors", t), base_weight=lambda r: refs[r].reshape(320, -1)
+    )
+    for module, ref, fn, part in (
+        (name, CONV1, _a1111_per_input, "dora_scale"),
+        (
+            conv2,
+            ModuleRef("unet", "down_blocks.0.resnets.0.conv2"),
+            _forge_per_output,
+            "lora_magnitude_vector",
+        ),
+    ):
+        up, down = t[f"{module}.lora_up.weight"], t[f"{module}.lora_down.weight"]
+        dw = (up.reshape(320, 2) @ down.reshape(2, -1)).reshape(320, 320, 3, 3)
+        expected = fn(refs[ref].double(), dw.double(), t[f"{module}.{part}"].double())
+        d = lf.deltas[ref]
+        assert d.kernel == (3, 3)
+        assert rel(d.dense().double(), expected.reshape(320, -1)) < 1e-5
+
+
+def test_oft_is_refused_by_name_with_module_counts(tmp_path: Path) -> None:
+    g = gen(16)
+    t = _kohya_pair(g, SD1_TE_Q, 768, 768) | _kohya_pair(g, SD1_K, 320, 768)
+    t["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v.oft_blocks"] = rnd(
+        g, 4, 80, 80
+    )
+    path = save(tmp_path / "oft.safetensors", t)
+    with pytest.raises(UnmatchedKeysError, match=r"uses OFT in 1 of 3 modules; OFT is not"):
         precheck_lora(path)
 
 

@@ -21,8 +21,6 @@ SHARED_PARTS: frozenset[str] = frozenset({"alpha", "scale"})
 """Parts several formats use: the scale ``alpha / rank`` or A1111's explicit ``scale``."""
 
 UNSUPPORTED_PARTS: dict[str, str] = {
-    "dora_scale": "DoRA",
-    "lora_magnitude_vector": "DoRA",
     "on_input": "IA3",
     "oft_blocks": "OFT",
     "oft_diag": "OFT",
