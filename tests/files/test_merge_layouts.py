@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from loraclr_ext.demo.tiny import build_tiny_pipeline
 from loraclr_ext.engine import run_merge
@@ -125,3 +125,53 @@ def test_peft_metadata_lora_merges_with_kohya_and_loads_in_diffusers(tmp_path: P
     pipe.load_lora_weights(str(out))
     installed = _lora_modules(pipe.unet) + _lora_modules(pipe.text_encoder)
     assert installed == len(merged.factors)
+
+
+def _dora_file(host, path: Path, seed: int) -> Path:
+    """A LyCORIS-style kohya DoRA (``dora_scale [out, 1]``, wd_on_out) on the tiny model."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for ref in _targets(host, ("attn2.to_k", "attn2.to_v", "layers.0.self_attn.q_proj")):
+        weight = host.base_weight(ref)
+        out, inp = weight.shape
+        name = ("lora_unet_" if ref.component == "unet" else "lora_te_") + ref.path.replace(
+            ".", "_"
+        )
+        tensors[f"{name}.lora_down.weight"] = torch.randn(2, inp, generator=g) * 0.1
+        tensors[f"{name}.lora_up.weight"] = torch.randn(out, 2, generator=g) * 0.1
+        tensors[f"{name}.alpha"] = torch.tensor(2.0)
+        norms = weight.norm(dim=1, keepdim=True)
+        tensors[f"{name}.dora_scale"] = norms * (1 + 0.1 * torch.randn(out, 1, generator=g))
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_dora_lora_merges_through_engine_with_the_hosts_base_weights(tmp_path: Path) -> None:
+    from loraclr_ext.engine import merge
+    from loraclr_ext.files.dora import dora_dense
+    from loraclr_ext.hosts.weights import weights_fingerprint
+
+    host = StandaloneHost.from_pipeline(build_tiny_pipeline(SD1), "cpu")
+    before = weights_fingerprint(host.pipe.unet)
+    dora = _dora_file(host, tmp_path / "dora.safetensors", 3)
+    kohya = _kohya_file(host, tmp_path / "kohya.safetensors", 4)
+
+    lf = read_lora(dora, SD1, check_shapes=False, base_weight=host.base_weight)
+    ref = next(r for r in lf.deltas if r.path.endswith("attn2.to_k"))
+    name = "lora_unet_" + ref.path.replace(".", "_")
+    t = load_file(str(dora))
+    dw = t[f"{name}.lora_up.weight"] @ t[f"{name}.lora_down.weight"]  # alpha/r = 1
+    expected = dora_dense(host.base_weight(ref), dw, t[f"{name}.dora_scale"], "out", None)
+    assert float((lf.deltas[ref].dense().double() - expected).norm() / expected.norm()) < 1e-5
+
+    out = tmp_path / "merged.safetensors"
+    specs = [ConceptSpec(dora, "sks dog"), ConceptSpec(kohya, "zwx cat")]
+    result = merge(specs, MergeOptions(**FAST), out, lambda: host, check_shapes=False)
+    note = result.unmatched["dora.safetensors"]
+    assert note.startswith(f"DoRA: {len(lf.deltas)} modules baked exactly")
+    assert weights_fingerprint(host.pipe.unet) == before
+    pipe = build_tiny_pipeline(SD1)
+    pipe.load_lora_weights(str(out))
+    installed = _lora_modules(pipe.unet) + _lora_modules(pipe.text_encoder)
+    assert installed == len(result.factors)
