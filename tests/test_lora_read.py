@@ -282,7 +282,7 @@ def test_wrong_shape_is_unmatched(tmp_path: Path) -> None:
 
 def test_architecture_mismatch(tmp_path: Path) -> None:
     g = _gen(11)
-    t = _kohya("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 768, 768, 2, None, g)
+    t = _kohya("lora_te2_text_model_encoder_layers_0_self_attn_q_proj", 1280, 1280, 2, None, g)
     path = _save(tmp_path / "xl.safetensors", t)
     with pytest.raises(ArchitectureMismatchError, match=r"xl\.safetensors is a SDXL LoRA"):
         read_lora(path, arch_hint=SD1)

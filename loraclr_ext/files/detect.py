@@ -23,7 +23,12 @@ _TE_LAYER = re.compile(r"^(?:lora_te_|text_encoder\.|clip_l\.).*layers[._](\d+)[
 _PROJ_IN = re.compile(
     r"(?:^lora_unet_|^lycoris_|^unet\.).*(?:attentions|input_blocks|output_blocks).*proj_in$"
 )
-_SDXL_ONLY = ("lora_te1_", "lora_te2_", "text_encoder_2.", "clip_g.", "text_encoders.clip_g.")
+_SDXL_ONLY = ("lora_te2_", "text_encoder_2.", "clip_g.", "text_encoders.clip_g.")
+"""Prefixes of SDXL's second text encoder. ``lora_te1_`` alone decides nothing: diffusers'
+``convert_state_dict_to_kohya`` writes it for SD1's only text encoder too."""
+_DEEP_BLOCK = re.compile(r"transformer_blocks[._][1-9]")
+"""A second transformer block per attention exists only in SDXL (depth 2 and 10)."""
+_FOREIGN_HINT = ("transformer.", "lora_transformer_", "lycoris_transformer_")
 _FOREIGN_VERSIONS: tuple[tuple[str, str], ...] = (
     ("flux", "Flux"),
     ("chroma", "Chroma"),
@@ -64,6 +69,8 @@ def _key_votes(shapes: Mapping[str, Shape]) -> set[Architecture]:
     if any(n.startswith(_SDXL_ONLY) for n in names):
         return {Architecture.SDXL}
     if any("label_emb" in n or "add_embedding" in n for n in names):
+        return {Architecture.SDXL}
+    if any(_DEEP_BLOCK.search(n) for n in names if not n.startswith(_FOREIGN_HINT)):
         return {Architecture.SDXL}
     votes: set[Architecture] = set()
     infos = _group_infos(shapes)

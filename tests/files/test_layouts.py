@@ -468,3 +468,47 @@ def test_every_adapter_part_is_a_known_key_part() -> None:
 
     for part in ADAPTER_PARTS:
         assert split_key(f"lora_unet_x.{part}") == ("lora_unet_x", part)
+
+
+@pytest.mark.parametrize(
+    ("down_key", "up_key", "ref"),
+    [
+        # OneTrainer internal backup: dotted lora_unet.<diffusers path>
+        (
+            f"lora_unet.{ATTN1_Q}.lora_down.weight",
+            f"lora_unet.{ATTN1_Q}.lora_up.weight",
+            ModuleRef("unet", ATTN1_Q),
+        ),
+        # diffusers 0.21-0.24 LoRACompatibleLinear: <module>.lora.down.weight
+        (
+            f"unet.{ATTN1_Q}.lora.down.weight",
+            f"unet.{ATTN1_Q}.lora.up.weight",
+            ModuleRef("unet", ATTN1_Q),
+        ),
+        # Forge state-dict names for the text encoder
+        (
+            f"clip_l.transformer.{TE_Q}.lora_down.weight",
+            f"clip_l.transformer.{TE_Q}.lora_up.weight",
+            ModuleRef("te1", TE_Q),
+        ),
+        # checkpoint-style ldm names
+        (
+            "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight",
+            "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_B.weight",
+            ModuleRef("unet", ATTN1_Q),
+        ),
+        # diffusers' kohya export of an SD1 LoRA names the only text encoder lora_te1_
+        (
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight",
+            ModuleRef("te1", TE_Q),
+        ),
+    ],
+)
+def test_more_prefixes_of_the_table(tmp_path: Path, down_key: str, up_key: str, ref) -> None:
+    g = gen(17)
+    size = 640 if ref.component == "unet" else 768
+    t = {down_key: rnd(g, 2, size), up_key: rnd(g, size, 2)}
+    lf = read_lora(save(tmp_path / "p.safetensors", t), arch_hint=SD1)
+    assert lf.unmatched == []
+    assert rel(lf.deltas[ref].dense(), t[up_key] @ t[down_key]) < 1e-5
