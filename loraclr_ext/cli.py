@@ -150,10 +150,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     specs = _specs(args)
     options = _options(args, args.out.stem)
     device = resolve_device(args.device)
+    _check_report_path(args.report)
+    _check_base(args.base)
 
     def open_host() -> StandaloneHost:
-        if not args.base.exists():
-            raise InvalidInputError(f"Base model {args.base} does not exist.")
         print(f"[LoRACLR] loading {args.base} on {device}")
         return StandaloneHost.load(args.base, device, tokenizer=args.tokenizer)
 
@@ -166,11 +166,44 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_report_path(report: Path | None) -> None:
+    """The report is written after the merge; its folder must exist before it starts."""
+    if report is None:
+        return
+    if not report.parent.is_dir():
+        raise InvalidInputError(
+            f"Report folder {report.parent} does not exist; create it or choose another --report."
+        )
+    if report.is_dir():
+        raise InvalidInputError(f"--report {report} is a folder; give a file name.")
+
+
+def _check_base(base: Path) -> None:
+    """A missing base or a checkpoint file whose container is broken ends here, before the
+    model loads (a diffusers folder is checked by the loader)."""
+    from loraclr_ext.errors import ModelNotFoundError
+
+    if not base.exists():
+        raise ModelNotFoundError(f"Base model {base} does not exist.")
+    if base.is_dir() or base.suffix.lower() != ".safetensors":
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(base), framework="pt") as f:
+            f.metadata()
+    except Exception as exc:  # safetensors raises its own (Rust) error types
+        raise InvalidInputError(
+            f"Base model {base} cannot be read as .safetensors ({exc}); it is corrupt or "
+            "truncated — download it again."
+        ) from exc
+
+
 def _print_result(result: MergeResult, report_path: Path | None) -> None:
     print(f"wrote {result.path}  (use: {result.prompt_tag})")
     print(f"{result.rank_summary()}; seconds {result.seconds}")
-    for name, count in result.unmatched.items():
-        print(f"note: {name}: {count} key(s) matched no module of the model and were not merged")
+    for name, summary in result.unmatched.items():
+        print(f"note: {name}: not merged: {summary}")
     if result.skipped:
         missing = len(result.skipped)
         print(f"note: {missing} module(s) are not in the loaded model: {result.skipped[:3]}")
@@ -193,11 +226,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     info = describe_lora(args.file, check_shapes=False)
     data = {
         "file": str(info.path),
-        "architecture": info.architecture.label if info.architecture else "unknown",
+        "architecture": info.family or "unknown",
         "format": info.format or "unreadable",
         "rank": info.rank,
+        "ranks": info.ranks,
         "modules": info.modules,
         "unmatched": info.unmatched,
+        "not merged": info.not_merged or None,
         "triggers": info.triggers,
         "usable": info.usable,
         "reason": info.reason,

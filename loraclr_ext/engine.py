@@ -58,7 +58,8 @@ class MergeResult:
     seconds: dict[str, float]
     report: QualityReport | None = None
     skipped: list[str] = field(default_factory=list)
-    unmatched: dict[str, int] = field(default_factory=dict)
+    unmatched: dict[str, str] = field(default_factory=dict)
+    """File name → what of it was not merged, by kind (side parts, …)."""
 
     def rank_summary(self) -> str:
         """Ranks written, and what a target rank kept (worst layer), in one line."""
@@ -109,9 +110,22 @@ def merge(
         LoraClrError: bad input (before any model work), no model, interrupt.
         OutOfMemoryMergeError: the device ran out of memory; the message says what to lower.
     """
-    precheck(list(specs), options, output)
+    needs_base = precheck(list(specs), options, output, check_shapes=check_shapes)
     host = open_host()
-    plan = plan_merge(list(specs), options, host.architecture, output, check_shapes=check_shapes)
+    if needs_base:  # DoRA: its change is baked with the clean base weights
+        with torch.no_grad(), host.clean_weights():
+            plan = plan_merge(
+                list(specs),
+                options,
+                host.architecture,
+                output,
+                check_shapes=check_shapes,
+                base_weight=host.base_weight,
+            )
+    else:
+        plan = plan_merge(
+            list(specs), options, host.architecture, output, check_shapes=check_shapes
+        )
     try:
         return run_merge(plan, host, progress)
     except torch.OutOfMemoryError as exc:
@@ -155,7 +169,7 @@ def run_merge(
         report=report,
         skipped=skipped,
         unmatched={
-            c.lora.path.name: len(c.lora.unmatched) for c in plan.concepts if c.lora.unmatched
+            c.lora.path.name: "; ".join(c.lora.notes) for c in plan.concepts if c.lora.notes
         },
     )
 

@@ -196,7 +196,8 @@ def test_full_diff_and_diff_b_unmatched(tmp_path: Path) -> None:
     assert k.rank == 320
     assert _close(k.dense(), t[f"{ATTN2_K}.diff"])
     assert len(lf.unmatched) == 1
-    assert lf.unmatched[0].startswith(f"{TE_Q}.diff_b: bias deltas")
+    assert lf.unmatched[0].startswith(f"{TE_Q}.diff_b: bias delta (diff_b)")
+    assert lf.notes == ["1 side parts (bias / norm deltas) not merged"]
 
 
 def test_peft_and_diffusers_spellings(tmp_path: Path) -> None:
@@ -250,23 +251,25 @@ def test_sd1_ldm_names_and_linear_proj_in_get_native_kernel(tmp_path: Path) -> N
 # ----------------------------------------------------------------------------- unmatched
 
 
-def test_unmatched_keys_listed_and_threshold(tmp_path: Path) -> None:
+def test_unmatched_modules_counted_by_kind_and_threshold(tmp_path: Path) -> None:
     g = _gen(9)
     t: dict[str, torch.Tensor] = {}
     for i in range(12):
         t |= _kohya(f"lora_te_text_model_encoder_layers_{i}_self_attn_v_proj", 768, 768, 1, 1.0, g)
-    t["bundle_emb.foo.string_to_param.*"] = torch.zeros(1, 768)
+    t |= _kohya("lora_te_text_model_encoder_layers_0_mlp_fc1", 8, 8, 1, 1.0, g)  # wrong shape
     path = _save(tmp_path / "u.safetensors", t)
     lf = read_lora(path)  # 1 of 13 modules unmatched = 7.7% <= 10%
     assert len(lf.deltas) == 12
-    assert lf.unmatched == [
-        "bundle_emb.foo.string_to_param.*: not a key of any supported LoRA format"
-    ]
-    t |= _kohya("lora_unet_not_a_module", 8, 8, 1, 1.0, g)
+    assert len(lf.unmatched) == 3
+    assert lf.notes == ["1 modules whose shape does not fit"]
+    t |= _kohya("lora_te_text_model_encoder_layers_1_mlp_fc1", 8, 8, 1, 1.0, g)
     path2 = _save(tmp_path / "u2.safetensors", t)
-    with pytest.raises(UnmatchedKeysError, match=r"u2\.safetensors: 2 of 14 modules"):
+    with pytest.raises(UnmatchedKeysError, match=r"u2\.safetensors \(LoRA\): 2 of 14 modules"):
         read_lora(path2)
-    assert len(read_lora(path2, max_unmatched_fraction=0.2).unmatched) == 4  # 1 + 3 keys
+    t |= _kohya("lora_unet_not_a_module", 8, 8, 1, 1.0, g)  # the only UNet module: refused
+    with pytest.raises(UnmatchedKeysError, match=r"its UNet \(1 modules\) would be dropped"):
+        read_lora(_save(tmp_path / "u3.safetensors", t), max_unmatched_fraction=0.5)
+    assert len(read_lora(path2, max_unmatched_fraction=0.2).unmatched) == 6  # 2 modules × 3 keys
 
 
 def test_wrong_shape_is_unmatched(tmp_path: Path) -> None:
@@ -279,7 +282,7 @@ def test_wrong_shape_is_unmatched(tmp_path: Path) -> None:
 
 def test_architecture_mismatch(tmp_path: Path) -> None:
     g = _gen(11)
-    t = _kohya("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 768, 768, 2, None, g)
+    t = _kohya("lora_te2_text_model_encoder_layers_0_self_attn_q_proj", 1280, 1280, 2, None, g)
     path = _save(tmp_path / "xl.safetensors", t)
     with pytest.raises(ArchitectureMismatchError, match=r"xl\.safetensors is a SDXL LoRA"):
         read_lora(path, arch_hint=SD1)

@@ -16,7 +16,7 @@ import hashlib
 import json
 import struct
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,19 +29,13 @@ from loraclr_ext.errors import (
     LoraFileError,
     UnmatchedKeysError,
 )
-from loraclr_ext.files.detect import lora_architecture
-from loraclr_ext.files.formats import (
-    SIDE_PARTS,
-    Adapter,
-    FormatError,
-    Shape,
-    ShapeInfo,
-    claim,
-    group_keys,
-)
+from loraclr_ext.files.detect import foreign_architecture, lora_architecture
+from loraclr_ext.files.dora import bake
+from loraclr_ext.files.formats import FormatError, Shape
+from loraclr_ext.files.match import Match, Plan, leftover_summary, plan_file, refusal
+from loraclr_ext.files.scale import peft_configs
 from loraclr_ext.model.architecture import Architecture
 from loraclr_ext.model.deltas import LoraFile, ModuleDelta
-from loraclr_ext.model.naming import ModuleSpec, module_spec, parse_module_name
 from loraclr_ext.model.targets import ModuleRef
 
 PICKLE_SUFFIXES = frozenset({".pt", ".ckpt", ".pth", ".bin"})
@@ -154,86 +148,25 @@ def triggers_from_metadata(metadata: Mapping[str, str]) -> list[str]:
 # ----------------------------------------------------------------------------- matching
 
 
-@dataclass
-class _Match:
-    """One file module group matched to a target module."""
-
-    ref: ModuleRef
-    spec: ModuleSpec
-    adapter: Adapter
-    keys: dict[str, str]  # part → file key
-    info: ShapeInfo
+def _what(path: Path, fmt: str, arch: Architecture | None) -> str:
+    """``x.safetensors (LoCon, SD 1.x)``: what a refusal says the file is."""
+    kind = {"peft": "PEFT LoRA", "lora": "LoRA", "locon": "LoCon"}.get(fmt, fmt or "LoRA")
+    return f"{path.name} ({kind}{', ' + arch.label if arch else ''})"
 
 
-@dataclass
-class _Plan:
-    """How a file's keys map onto one architecture."""
-
-    matches: dict[str, _Match] = field(default_factory=dict)  # file module name → match
-    unmatched: list[str] = field(default_factory=list)  # "key: reason"
-    unmatched_modules: int = 0
-
-    @property
-    def total_modules(self) -> int:
-        return len(self.matches) + self.unmatched_modules
-
-    @property
-    def unmatched_fraction(self) -> float:
-        return self.unmatched_modules / self.total_modules if self.total_modules else 1.0
-
-
-def _fits(info: ShapeInfo, spec: ModuleSpec) -> bool:
-    return info.out_features == spec.out_features and info.flat_in == spec.flat_in
-
-
-def _match_group(
-    module: str,
-    keys: dict[str, str],
-    shapes: Mapping[str, Shape],
-    arch: Architecture,
-    check_shapes: bool,
-) -> _Match:
-    """Match one module group or raise FormatError with the reason."""
-    adapter = claim(set(keys))
-    info = adapter.shape_info({part: shapes[key] for part, key in keys.items()})
-    ref = parse_module_name(module, arch)
-    if ref is None:
-        raise FormatError(f"no {arch.label} module is named '{module}'")
-    spec = module_spec(ref, arch)
-    assert spec is not None  # parse_module_name only returns known refs
-    if check_shapes and not _fits(info, spec):
-        raise FormatError(
-            f"delta [{info.out_features}, {info.flat_in}] does not fit {ref} "
-            f"[{spec.out_features}, {spec.flat_in}] of {arch.label}"
-        )
-    return _Match(ref, spec, adapter, keys, info)
-
-
-def _plan(shapes: Mapping[str, Shape], arch: Architecture, check_shapes: bool = True) -> _Plan:
-    """Match every key group of a file against ``arch``; nothing is dropped silently."""
-    groups, unknown = group_keys(sorted(shapes))
-    plan = _Plan()
-    taken: dict[ModuleRef, str] = {}
-    for module, keys in groups.items():
-        for part in SIDE_PARTS.keys() & keys.keys():
-            plan.unmatched.append(f"{keys.pop(part)}: {SIDE_PARTS[part]}")
-        if not keys:
-            plan.unmatched_modules += 1
-            continue
-        try:
-            match = _match_group(module, keys, shapes, arch, check_shapes)
-            if match.ref in taken:
-                raise FormatError(f"'{taken[match.ref]}' already targets {match.ref}")
-        except FormatError as exc:
-            plan.unmatched += [f"{key}: {exc}" for key in sorted(keys.values())]
-            plan.unmatched_modules += 1
-            continue
-        taken[match.ref] = module
-        plan.matches[module] = match
-    for key in unknown:
-        plan.unmatched.append(f"{key}: not a key of any supported LoRA format")
-        plan.unmatched_modules += 1
-    return plan
+def _refuse_foreign(
+    path: Path, shapes: Mapping[str, Shape], metadata: Mapping[str, str], hint: Architecture | None
+) -> None:
+    """ArchitectureMismatchError naming the family of a Flux / SD3 / … file."""
+    found = foreign_architecture(shapes, metadata)
+    if found is None:
+        return
+    family, n, total = found
+    base = f"the base model is {hint.label}" if hint else "this merge works on SD 1.x/2.x/SDXL"
+    raise ArchitectureMismatchError(
+        f"{path.name} is a {family} LoRA ({n} of {total} modules are {family} modules), but "
+        f"{base}; merging {family} LoRAs is not supported."
+    )
 
 
 def _resolve_arch(
@@ -242,13 +175,16 @@ def _resolve_arch(
     metadata: Mapping[str, str],
     arch_hint: Architecture | None,
     check_shapes: bool = True,
-) -> tuple[Architecture | None, Architecture, _Plan]:
+) -> tuple[Architecture | None, Architecture, Plan]:
     """(reported architecture, architecture used for names, plan).
 
     Raises ArchitectureMismatchError when the file is clearly for another architecture
-    than ``arch_hint``. When nothing decides, names are matched against the architecture
-    that matches most modules and the reported architecture is ``None``.
+    than ``arch_hint`` or for a family this merge does not handle (Flux, SD3, …). When
+    nothing decides, names are matched against the architecture that matches most
+    modules and the reported architecture is ``None``.
     """
+    _refuse_foreign(path, shapes, metadata, arch_hint)
+    peft = peft_configs(metadata)
     detected = lora_architecture(shapes, metadata)
     if arch_hint is not None and detected is not None and detected is not arch_hint:
         raise ArchitectureMismatchError(
@@ -257,8 +193,8 @@ def _resolve_arch(
         )
     chosen = detected or arch_hint
     if chosen is not None:
-        return chosen, chosen, _plan(shapes, chosen, check_shapes)
-    plans = {arch: _plan(shapes, arch, check_shapes) for arch in Architecture}
+        return chosen, chosen, plan_file(shapes, chosen, check_shapes, peft)
+    plans = {arch: plan_file(shapes, arch, check_shapes, peft) for arch in Architecture}
     best = max(Architecture, key=lambda a: len(plans[a].matches))  # ties: SD1 first
     return None, best, plans[best]
 
@@ -266,27 +202,37 @@ def _resolve_arch(
 # ----------------------------------------------------------------------------- reading
 
 
-def _label(adapter: Adapter, keys: Mapping[str, str], info: ShapeInfo) -> str:
-    """Format label of a group from shapes alone (``lora`` vs ``locon`` by conv kernel)."""
-    if adapter.name == "lora":
-        is_conv = "lora_mid.weight" in keys or (info.kernel not in (None, (1, 1)))
-        return "locon" if is_conv else "lora"
-    return adapter.name
+def _label(match: Match) -> str:
+    """Format label of a group from shapes alone (``lora`` vs ``locon`` by conv kernel;
+    ``+dora`` for a weight-decomposed module)."""
+    name = match.adapter.name
+    if name == "lora":
+        is_conv = "lora_mid.weight" in match.keys or match.kernel not in (None, (1, 1))
+        name = "locon" if is_conv else "lora"
+    return f"{name}+dora" if match.dora else name
 
 
 def _join_labels(labels: set[str]) -> str:
-    """``'+'``-joined labels; LoCon files contain plain LoRA modules too, so those merge."""
+    """``'+'``-joined labels; LoCon files contain plain LoRA modules too, so those merge;
+    ``dora`` goes last (``lora+dora``)."""
+    labels = {part for label in labels for part in label.split("+")}
+    dora = "dora" in labels
+    labels.discard("dora")
     if "locon" in labels:
         labels = labels - {"lora"}
-    return "+".join(sorted(labels)) if labels else "unknown"
+    joined = "+".join(sorted(labels)) if labels else "unknown"
+    return f"{joined}+dora" if dora else joined
 
 
-def _native_kernel(delta: ModuleDelta, spec: ModuleSpec) -> ModuleDelta:
-    """Give a 1×1-conv/Linear delta the base module's own form (they are interchangeable:
-    ``in·1·1 == in``), so downstream code sees the kernel the live module has."""
+def _native_kernel(delta: ModuleDelta, match: Match) -> ModuleDelta:
+    """Give the delta the kernel decided when matching: the base module's own form for a
+    1×1-conv/Linear (interchangeable: ``in·1·1 == in``) and the module's k×k kernel for a
+    conv stored flattened, so downstream code sees the kernel the live module has."""
     linear_like = (None, (1, 1))
-    if delta.kernel in linear_like and spec.kernel in linear_like:
-        delta.kernel = spec.kernel
+    if delta.kernel in linear_like and match.spec.kernel in linear_like:
+        delta.kernel = match.spec.kernel
+    elif delta.kernel is None and match.kernel is not None:
+        delta.kernel = match.kernel
     return delta
 
 
@@ -304,14 +250,39 @@ def _load_tensors(f: object, path: Path, keys: Mapping[str, str]) -> dict[str, t
     return tensors
 
 
-def _refuse_unmatched(path: Path, plan: _Plan, arch: Architecture, limit: float) -> None:
-    if plan.matches and plan.unmatched_fraction <= limit:
-        return
-    examples = "; ".join(plan.unmatched[:3])
-    raise UnmatchedKeysError(
-        f"{path}: {plan.unmatched_modules} of {plan.total_modules} modules match no "
-        f"{arch.label} module (limit {limit:.0%}), e.g. {examples}. "
-        "Check that the LoRA is for this base model and in a supported format."
+def _refuse(
+    path: Path,
+    plan: Plan,
+    arch: Architecture,
+    reported: Architecture | None,
+    limit: float,
+    dora_ok: bool = True,
+) -> None:
+    fmt = _join_labels({_label(m) for m in plan.matches.values()})
+    reason = refusal(plan, _what(path, fmt, reported), arch, limit, dora_ok)
+    if reason is not None:
+        raise UnmatchedKeysError(reason)
+
+
+BaseWeight = Callable[[ModuleRef], torch.Tensor]
+"""The base model's weight of a module, ``[out, in·kh·kw]`` fp32 (``Host.base_weight``)."""
+
+
+def _bake_dora(
+    path: Path, match: Match, delta: ModuleDelta, f: object, base_weight: BaseWeight
+) -> ModuleDelta:
+    """The exact LoRA of a DoRA module's applied change on the base weights."""
+    magnitude = _load_tensors(f, path, {"m": match.dora})["m"]
+    try:
+        return bake(delta, base_weight(match.ref), magnitude, match.dora_axis)
+    except FormatError as exc:
+        raise LoraFileError(f"{path}: DoRA module '{match.ref}': {exc}.") from exc
+
+
+def _dora_note(ranks: list[int]) -> str:
+    return (
+        f"DoRA: {len(ranks)} modules baked exactly with the base weights (rank "
+        f"{min(ranks)}–{max(ranks)}); the merge's rank reduction reports what each layer keeps"
     )
 
 
@@ -321,6 +292,7 @@ def read_lora(
     max_unmatched_fraction: float = 0.1,
     *,
     check_shapes: bool = True,
+    base_weight: BaseWeight | None = None,
 ) -> LoraFile:
     """Read a ``.safetensors`` LoRA of any supported format into exact per-module deltas.
 
@@ -332,6 +304,8 @@ def read_lora(
             modules map to no module of the architecture.
         check_shapes: require every delta to have the real model's shape for its module;
             pass ``False`` for miniature test models that keep the names but not the sizes.
+        base_weight: the base model's weights; needed (only) by DoRA modules, whose
+            applied change depends on them (:mod:`loraclr_ext.files.dora`).
 
     Raises:
         LoraFileError: missing, pickled, corrupt or truncated file; NaN/Inf tensors.
@@ -341,19 +315,26 @@ def read_lora(
     path = Path(path)
     shapes, metadata = read_header(path)
     reported, arch, plan = _resolve_arch(path, shapes, metadata, arch_hint, check_shapes)
-    _refuse_unmatched(path, plan, arch, max_unmatched_fraction)
+    _refuse(path, plan, arch, reported, max_unmatched_fraction, base_weight is not None)
     deltas: dict[ModuleRef, ModuleDelta] = {}
     labels: set[str] = set()
+    dora_ranks: list[int] = []
     try:
         with safe_open(str(path), framework="pt") as f:
             for match in plan.matches.values():
                 tensors = _load_tensors(f, path, match.keys)
+                if match.scale is not None:
+                    tensors["scale"] = torch.tensor(match.scale)  # PEFT header scale
                 try:
-                    delta, label = match.adapter.build(tensors)
+                    delta, _ = match.adapter.build(tensors)
                 except FormatError as exc:
                     raise LoraFileError(f"{path}: module '{match.ref}': {exc}.") from exc
-                deltas[match.ref] = _native_kernel(delta, match.spec)
-                labels.add(label)
+                delta = _native_kernel(delta, match)
+                if match.dora and base_weight is not None:
+                    delta = _bake_dora(path, match, delta, f, base_weight)
+                    dora_ranks.append(delta.rank)
+                deltas[match.ref] = delta
+                labels.add(_label(match))
     except LoraClrError:
         raise
     except Exception as exc:
@@ -364,10 +345,28 @@ def read_lora(
         format=_join_labels(labels),
         deltas=deltas,
         unmatched=plan.unmatched,
+        notes=([leftover_summary(plan)] if plan.leftovers else [])
+        + ([_dora_note(dora_ranks)] if dora_ranks else []),
         metadata=metadata,
         triggers=triggers_from_metadata(metadata),
         sha256=file_sha256(path),
     )
+
+
+def precheck_lora(path: str | Path, *, check_shapes: bool = True) -> bool:
+    """Raise for what no base model can fix, from the header alone: not a safetensors file
+    (or a folder), another model family, OFT/IA3/GLoRA, bundled embeddings. The checks that
+    depend on the base model's architecture run again in :func:`read_lora`.
+
+    Returns:
+        whether the file has DoRA modules (their reading needs the base weights).
+    """
+    path = Path(path)
+    shapes, metadata = read_header(path)
+    reported, arch, plan = _resolve_arch(path, shapes, metadata, None, check_shapes)
+    if plan.modules("unsupported", "embedding"):
+        _refuse(path, plan, arch, reported, 1.0)
+    return any(m.dora for m in plan.matches.values())
 
 
 # ----------------------------------------------------------------------------- describing
@@ -384,9 +383,13 @@ class LoraInfo:
         format: like :attr:`LoraFile.format`; ``""`` when unreadable.
         rank: largest nominal rank (``dim``) of its factored modules; ``None`` if none.
         modules: matched module count per component (``unet``, ``te1``, ``te2``).
-        unmatched: how many file modules match nothing.
-        triggers: as :attr:`LoraFile.triggers`.
+        unmatched: how many file modules are not merged (side parts of read modules
+            excluded).
+        triggers: as :attr:`LoraFile.triggers`, plus bundled embedding names.
         reason: why the file cannot be merged, ``None`` when it can.
+        family: the model family in words (``SD 1.x``, ``Flux``…), ``None`` if unknown.
+        ranks: every distinct nominal rank of its factored modules.
+        not_merged: what will not be merged, by kind (``""`` when everything is read).
     """
 
     name: str
@@ -398,6 +401,9 @@ class LoraInfo:
     unmatched: int = 0
     triggers: list[str] = field(default_factory=list)
     reason: str | None = None
+    family: str | None = None
+    ranks: list[int] = field(default_factory=list)
+    not_merged: str = ""
 
     @property
     def usable(self) -> bool:
@@ -417,18 +423,25 @@ def describe_lora(
     try:
         shapes, metadata = read_header(path)
         info.triggers = triggers_from_metadata(metadata)
+        foreign = foreign_architecture(shapes, metadata)
+        info.family = foreign[0] if foreign else None
         reported, arch, plan = _resolve_arch(path, shapes, metadata, arch_hint, check_shapes)
     except LoraClrError as exc:
         info.reason = str(exc)
         return info
     info.architecture = reported
-    info.format = _join_labels({_label(m.adapter, m.keys, m.info) for m in plan.matches.values()})
-    ranks = [m.info.rank for m in plan.matches.values() if m.info.rank is not None]
-    info.rank = max(ranks) if ranks else None
+    info.family = reported.label if reported else None
+    info.format = _join_labels({_label(m) for m in plan.matches.values()})
+    ranks = sorted({m.info.rank for m in plan.matches.values() if m.info.rank is not None})
+    info.rank = ranks[-1] if ranks else None
+    info.ranks = ranks
     info.modules = dict(Counter(m.ref.component for m in plan.matches.values()))
-    info.unmatched = plan.unmatched_modules
+    info.unmatched = len(plan.modules())
+    info.not_merged = leftover_summary(plan)
+    embedded = [x.label for x in plan.modules("embedding")]
+    info.triggers = list(dict.fromkeys([*info.triggers, *embedded]))
     try:
-        _refuse_unmatched(path, plan, arch, max_unmatched_fraction)
+        _refuse(path, plan, arch, reported, max_unmatched_fraction)
     except UnmatchedKeysError as exc:
         info.reason = str(exc)
     return info

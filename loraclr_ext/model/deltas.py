@@ -71,6 +71,7 @@ class LoraFile:
         deltas: one exact delta per matched module, strength 1 (``alpha/rank`` applied).
         unmatched: file keys that map to no module of ``architecture`` (reported, never
             silently dropped).
+        notes: one line per kind of what is not merged (side parts, …), for the user.
         metadata: the safetensors ``__metadata__`` (str → str).
         triggers: trigger words found in metadata (``modelspec.trigger_phrase``,
             ``ss_tag_frequency``'s most frequent tags, ``ss_output_name``), best first.
@@ -82,6 +83,7 @@ class LoraFile:
     format: str
     deltas: dict[ModuleRef, ModuleDelta]
     unmatched: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     triggers: list[str] = field(default_factory=list)
     sha256: str = ""

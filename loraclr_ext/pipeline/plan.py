@@ -14,10 +14,9 @@ import torch
 from loraclr_ext.errors import (
     ArchitectureMismatchError,
     InvalidInputError,
-    LoraFileError,
     OutputExistsError,
 )
-from loraclr_ext.files.read import read_header, read_lora
+from loraclr_ext.files.read import BaseWeight, precheck_lora, read_lora
 from loraclr_ext.model.architecture import Architecture
 from loraclr_ext.model.deltas import LoraFile, ModuleDelta
 from loraclr_ext.model.targets import ModuleRef
@@ -85,6 +84,7 @@ def plan_merge(
     *,
     check_shapes: bool = True,
     min_concepts: int = 2,
+    base_weight: BaseWeight | None = None,
 ) -> MergePlan:
     """Check the request against design §6 and read every LoRA.
 
@@ -92,6 +92,7 @@ def plan_merge(
         InvalidInputError: fewer than two LoRAs, a file given twice, empty or duplicate
             prompts, bad strength.
         (``min_concepts=1`` lets tests and re-factorisation merge a single LoRA.)
+        (``base_weight``: the host's ``base_weight``; DoRA LoRAs are refused without it.)
         OutputExistsError: ``output`` exists and ``options.overwrite`` is off.
         LoraFileError: a file is missing, corrupt, truncated or a pickle.
         ArchitectureMismatchError: a LoRA is for another architecture than the base model.
@@ -106,7 +107,7 @@ def plan_merge(
         raise InvalidInputError(
             f"Output directory {output.parent} does not exist; create it first."
         )
-    concepts = [_read_concept(spec, architecture, check_shapes) for spec in specs]
+    concepts = [_read_concept(spec, architecture, check_shapes, base_weight) for spec in specs]
     plan = MergePlan(concepts, options, output, architecture)
     if not plan.refs:
         raise InvalidInputError(
@@ -116,25 +117,40 @@ def plan_merge(
 
 
 def precheck(
-    specs: list[ConceptSpec], options: MergeOptions, output: Path, *, min_concepts: int = 2
-) -> None:
-    """The checks that need no model and no file contents: run them before loading anything."""
+    specs: list[ConceptSpec],
+    options: MergeOptions,
+    output: Path,
+    *,
+    min_concepts: int = 2,
+    check_shapes: bool = True,
+) -> bool:
+    """Every check that needs no model: run before loading anything.
+
+    Request shape (count, distinct files, prompts), every LoRA's container and the parts
+    of it no base model can change (another model family, DoRA/OFT, bundled embeddings,
+    flattened conv kernels that fit no module), then the output file, its sidecar
+    ``<name>.json`` and the output directory.
+
+    Returns:
+        whether a LoRA has DoRA modules, whose reading needs the base weights.
+    """
     if len(specs) < min_concepts:
         raise InvalidInputError(f"Select at least two LoRAs to merge (got {len(specs)}).")
     _check_distinct_files(specs)
     _check_prompts(specs)
-    for spec in specs:
-        if not Path(spec.path).is_file():
-            raise LoraFileError(f"LoRA file {spec.path} does not exist.")
-        read_header(Path(spec.path))  # pickles, corrupt and truncated files fail here, fast
+    dora = [precheck_lora(Path(spec.path), check_shapes=check_shapes) for spec in specs]
     if output.suffix.lower() != ".safetensors":
         raise InvalidInputError(f"Output {output.name} must end in .safetensors.")
-    if output.exists() and not options.overwrite:
-        raise OutputExistsError(f"{output} already exists; choose another name or allow overwrite.")
+    for target in (output, output.with_suffix(".json")):
+        if target.exists() and not options.overwrite:
+            raise OutputExistsError(
+                f"{target} already exists; choose another name or allow overwrite."
+            )
     if not output.parent.is_dir():
         raise InvalidInputError(
             f"Output directory {output.parent} does not exist; create it first."
         )
+    return any(dora)
 
 
 def _check_distinct_files(specs: list[ConceptSpec]) -> None:
@@ -168,11 +184,14 @@ def _check_prompts(specs: list[ConceptSpec]) -> None:
             raise InvalidInputError(f"Strength of {name} must be a finite non-zero number.")
 
 
-def _read_concept(spec: ConceptSpec, architecture: Architecture, check_shapes: bool) -> Concept:
+def _read_concept(
+    spec: ConceptSpec,
+    architecture: Architecture,
+    check_shapes: bool,
+    base_weight: BaseWeight | None = None,
+) -> Concept:
     path = Path(spec.path)
-    if not path.is_file():
-        raise LoraFileError(f"LoRA file {path} does not exist.")
-    lora = read_lora(path, architecture, check_shapes=check_shapes)
+    lora = read_lora(path, architecture, check_shapes=check_shapes, base_weight=base_weight)
     if lora.architecture is not None and lora.architecture != architecture:
         raise ArchitectureMismatchError(
             f"{path.name} is a {lora.architecture.label} LoRA but the base model is "

@@ -21,30 +21,44 @@ SHARED_PARTS: frozenset[str] = frozenset({"alpha", "scale"})
 """Parts several formats use: the scale ``alpha / rank`` or A1111's explicit ``scale``."""
 
 UNSUPPORTED_PARTS: dict[str, str] = {
-    "dora_scale": "DoRA (dora_scale) is not supported",
-    "on_input": "IA3 is not supported",
-    "weight": "IA3 / norm weights are not supported",
-    "bias": "bias deltas are not supported",
-    "oft_blocks": "OFT is not supported",
-    "oft_diag": "OFT is not supported",
-    "w_norm": "norm deltas are not supported",
-    "b_norm": "norm deltas are not supported",
-    "a1.weight": "GLoRA is not supported",
-    "a2.weight": "GLoRA is not supported",
-    "b1.weight": "GLoRA is not supported",
-    "b2.weight": "GLoRA is not supported",
+    "on_input": "IA3",
+    "oft_blocks": "OFT",
+    "oft_diag": "OFT",
+    "rescale": "OFT",
+    "a1.weight": "GLoRA",
+    "a2.weight": "GLoRA",
+    "b1.weight": "GLoRA",
+    "b2.weight": "GLoRA",
+    "bm.weight": "GLoRA",
 }
-"""Parts of formats we recognise but do not read; their modules are reported unmatched."""
+"""Parts of algorithms we recognise but do not merge → the algorithm's name. A file with
+such a module is refused by that name (its change would otherwise be lost silently)."""
 
 SIDE_PARTS: dict[str, str] = {
-    "diff_b": "bias deltas (diff_b) are not applied; the module's weight delta is",
+    "diff_b": "bias delta (diff_b)",
+    "bias": "bias delta",
+    "w_norm": "norm-layer delta (w_norm)",
+    "b_norm": "norm-layer delta (b_norm)",
 }
-"""Parts that ride along with a readable weight delta: the keys are reported unmatched,
-the module's weight delta is still read."""
+"""Small extra parts the WebUIs apply beside (or instead of) a weight delta: bias and
+norm-layer deltas (LyCORIS ``full.py`` / ``norms.py``). They are not merged; the keys are
+listed as side parts, and a module's weight delta, if it has one, is still read."""
 
 
 class FormatError(ValueError):
-    """A key group is inconsistent (missing part, shape mismatch); the message is the reason."""
+    """A key group cannot be read; the message is the reason.
+
+    Attributes:
+        kind: ``"unsupported"`` (a known algorithm we do not merge; ``algorithm`` names it),
+            ``"shape"`` (the module exists but the delta does not fit it), ``"module"``
+            (no such module) or ``"format"`` (inconsistent or unknown parts).
+        algorithm: for ``"unsupported"``, e.g. ``"DoRA"``.
+    """
+
+    def __init__(self, message: str, kind: str = "format", algorithm: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.algorithm = algorithm
 
 
 @dataclass(frozen=True)
