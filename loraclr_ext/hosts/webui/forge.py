@@ -20,11 +20,10 @@ Forge keeps the UNet, the schedule and the dtypes.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -34,7 +33,12 @@ from loraclr_ext.hosts.base import Conditioning, StepCallback, Tokens, iter_chun
 from loraclr_ext.hosts.ddim import ddim_sample
 from loraclr_ext.hosts.text_paths import has_text_model_level, live_text_path
 from loraclr_ext.hosts.webui.detect import forge_architecture
-from loraclr_ext.hosts.weights import changed_weights, weights_fingerprint
+from loraclr_ext.hosts.weights import (
+    changed_weights,
+    plain_copy,
+    to_cpu_float,
+    weights_fingerprint,
+)
 from loraclr_ext.model.architecture import Architecture
 from loraclr_ext.model.naming import ldm_unet_path
 from loraclr_ext.model.targets import ModuleRef
@@ -99,10 +103,10 @@ def float_weight(module: torch.nn.Module) -> torch.Tensor:
     kind = quantised_storage(weight)
     if kind is not None:
         raise InvalidInputError(f"A weight is stored as {kind}; cannot read it.")
-    w = weight.detach().to("cpu", torch.float32)
+    w = to_cpu_float(weight)
     scale = getattr(module, "scale_weight", None)
     if isinstance(scale, torch.Tensor):
-        s = scale.detach().to("cpu", torch.float32)
+        s = to_cpu_float(scale)
         if s.numel() == 1:
             w = w * s.reshape(())
         elif s.numel() == w.shape[0]:
@@ -113,27 +117,6 @@ def float_weight(module: torch.nn.Module) -> torch.Tensor:
                 f"{tuple(w.shape)}."
             )
     return w.reshape(w.shape[0], -1).clone()
-
-
-def without_grad_decorator(method: Callable[..., Any]) -> Callable[..., Any]:
-    """``method`` without torch's grad-mode decorator, if it has one.
-
-    Forge's ``get_learned_conditioning`` is ``@torch.inference_mode()``: every tensor the
-    merge's forward hooks create inside it (token samples, neutral Grams) would be an
-    inference tensor, which the solver's autograd refinement cannot use. The caller runs
-    the undecorated function under ``torch.no_grad()`` instead, which is equivalent for the
-    host's own computation. Any other decorator is left in place.
-    """
-    inner = getattr(method, "__wrapped__", None)
-    wrapper = getattr(method, "__func__", method)
-    code = getattr(wrapper, "__code__", None)
-    from_torch = code is not None and code.co_filename.replace("\\", "/").endswith(
-        "torch/utils/_contextlib.py"
-    )
-    if inner is None or not from_torch:
-        return method
-    owner = getattr(method, "__self__", None)
-    return functools.partial(inner, owner) if owner is not None else inner
 
 
 def sinusoid(values: torch.Tensor, dim: int) -> torch.Tensor:
@@ -174,6 +157,12 @@ class PatcherHost:
     """
 
     host_label = "Forge"
+
+    def host_mode(self) -> AbstractContextManager[Any]:
+        """The grad mode the WebUI's own generation runs its model code in: the merge runs
+        the host's conditioning and UNet calls in it, so the host's code meets its tensors
+        exactly as in a generation. Plain ``no_grad`` here (reForge, the A1111 front end)."""
+        return torch.no_grad()
 
     def __init__(self, sd_model: Any, memory: Any, networks: Any = None) -> None:
         self.architecture = forge_architecture(sd_model)
@@ -293,24 +282,26 @@ class PatcherHost:
         ``pooled`` ``[B, 1280]``; the size part is rebuilt for each run's image size."""
         if not prompts:
             raise InvalidInputError("No prompts to encode.")
-        condition = without_grad_decorator(self.sd_model.get_learned_conditioning)
         length = self.chunk_length
         contexts: list[torch.Tensor] = []
         pooled: list[torch.Tensor] = []
         for chunk in iter_chunks(list(prompts), ENCODE_CHUNK):
-            with torch.no_grad():
-                cond = condition(chunk)
+            # The host's own call in the host's own grad mode (Forge: inference mode).
+            # Its text engine recasts modules as it goes; done outside inference mode on
+            # inference parameters that leaves them unusable for every later generation
+            # (seen in a real Forge). The merge's hooks leave inference mode themselves.
+            with self.host_mode():
+                cond = self.sd_model.get_learned_conditioning(chunk)
             if isinstance(cond, dict):
                 context = cond["crossattn"]
                 vector = cond.get("vector")
                 if self.architecture is Architecture.SDXL:
                     if vector is None:
                         raise LoraClrError("The SDXL conditioning has no 'vector'.")
-                    # clone(): outside inference mode this gives an ordinary tensor.
-                    pooled.append(vector[:, : self._pooled_width()].detach().float().clone())
+                    pooled.append(plain_copy(vector[:, : self._pooled_width()]).float())
             else:
                 context = cond
-            contexts.append(context[:, :length].detach().float().clone())
+            contexts.append(plain_copy(context[:, :length]).float())
         return Conditioning(
             context=torch.cat(contexts), pooled=torch.cat(pooled) if pooled else None
         )
@@ -356,7 +347,9 @@ class PatcherHost:
         if self.architecture is Architecture.SDXL:
             kwargs["y"] = self._adm_vector(cond, size).to(self.device, self.dtype)
         sig = sigmas[timestep].reshape(1).expand(batch).to(self.device)
-        denoised = self._apply_model(x, sig, **kwargs).double().cpu()
+        with self.host_mode():
+            denoised = self._apply_model(x, sig, **kwargs)
+        denoised = plain_copy(denoised).double().cpu()
         xk = x.double().cpu()
         if self._v_prediction():
             return ((xk / (sigma**2 + 1) - denoised) * math.sqrt(sigma**2 + 1) / sigma).float()
@@ -405,7 +398,10 @@ class PatcherHost:
     def _reload_after(self, previous: Any) -> list[Any]:
         """The patchers to load afterwards so the weights are as they were: for the UNet
         and for the text encoders, the loaded patcher of the same model, else the one the
-        previous ``forge_objects`` would use."""
+        previous ``forge_objects`` would use.
+
+        In the order that gives the memory manager's list (most recently loaded first) its
+        order from before: what was loaded earlier is loaded again first."""
         loaded = [
             getattr(entry, "model", None)
             for entry in list(getattr(self.memory, "current_loaded_models", []))
@@ -418,7 +414,11 @@ class PatcherHost:
             pick = same[0] if same else fallback
             if pick is not None and all(pick is not c for c in chosen):
                 chosen.append(pick)
-        return chosen
+
+        def age(patcher: Any) -> int:
+            return next((i for i, p in enumerate(loaded) if p is patcher), len(loaded))
+
+        return sorted(chosen, key=age, reverse=True)
 
     @contextmanager
     def clean_weights(self) -> Iterator[None]:
@@ -443,11 +443,13 @@ class PatcherHost:
             )
         try:
             self.sd_model.forge_objects = self.original.shallow_copy()
-            self.memory.load_models_gpu(self._patchers())
+            with self.host_mode():
+                self.memory.load_models_gpu(self._patchers())
             yield
         finally:
             try:
-                self.memory.load_models_gpu(reload)
+                with self.host_mode():
+                    self.memory.load_models_gpu(reload)
             finally:
                 self.sd_model.forge_objects = previous
             changed = [
@@ -488,6 +490,10 @@ class ForgeHost(PatcherHost):
     ``unet.model.computation_dtype`` (forge.md §2.2, §2.6)."""
 
     host_label = "Forge"
+
+    def host_mode(self) -> AbstractContextManager[Any]:
+        """New Forge builds, patches, conditions and samples under ``torch.inference_mode``."""
+        return torch.inference_mode()
 
     def _unet_module(self) -> torch.nn.Module:
         return self.unet_patcher.model.diffusion_model
