@@ -78,8 +78,9 @@ def webui(tiny, tmp_path):
     networks.loaded_networks.clear()
     networks.refresh_calls = 0
     model = FakeSdModel(tiny["pipe"])
+    sd_models.reset()
     sd_models.model_data.sd_model = model
     ctx = WebuiContext.from_webui()
     ctx.check_shapes = False  # tiny model: real SD1 sizes do not apply
     yield {"ctx": ctx, "dir": lora_dir, "model": model, "shared": shared, "networks": networks}
-    sd_models.model_data.sd_model = None
+    sd_models.reset()

@@ -1,4 +1,12 @@
-"""The weight guard every host uses: fingerprints that prove a merge changed no host weight."""
+"""Reading and restoring host tensors of any kind, and the weight guard every host uses.
+
+A host's tensors may be inference tensors (Forge builds its model, merges LoRAs and
+conditions under ``@torch.inference_mode()``), may sit on any device (CUDA, MPS, the CPU
+under lowvram) and may be stored in any float dtype. Outside inference mode an inference
+tensor can be read but not viewed through a version-counted alias of a parameter whose
+data was swapped, nor written in place; :func:`readable` and :func:`write_into` are the
+two ways the hosts touch such tensors.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +17,66 @@ from collections.abc import Sequence
 import torch
 
 
+def readable(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s data as a plain detached tensor that reshapes, views and converts in any
+    grad mode: ``.data`` skips the parameter wrapper, whose version counter an inference
+    tensor (or a parameter made in inference mode whose data was later swapped outside
+    it) does not have."""
+    return t.data
+
+
+def to_cpu_float(t: torch.Tensor) -> torch.Tensor:
+    """A new CPU fp32 tensor with ``t``'s values, never an inference tensor, never an
+    alias of host memory, whatever ``t``'s device, dtype and inference state."""
+    with torch.inference_mode(False):
+        return readable(t).to("cpu", torch.float32, copy=True)
+
+
+def plain_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` on its own device that is a normal tensor (usable by autograd and in
+    place), e.g. for a conditioning the host returned from inference mode."""
+    with torch.inference_mode(False):
+        return readable(t).clone()
+
+
+def write_into(target: torch.Tensor, values: torch.Tensor) -> None:
+    """``target.copy_(values)`` in the mode ``target`` needs: inference tensors may only be
+    written in inference mode, other tensors in either."""
+    with torch.inference_mode(readable(target).is_inference()), torch.no_grad():
+        readable(target).copy_(values)
+
+
+def _wide_dtype(device: torch.device) -> torch.dtype:
+    """fp64 for the sums where the device has it (MPS does not)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _tensor_stats(t: torch.Tensor) -> torch.Tensor:
-    """Sum, absolute sum and 16 evenly spaced elements of ``t``, as fp64 ``[18]``."""
-    flat = t.detach().reshape(-1)
-    wide = flat.to(torch.float64)
-    # Integer arithmetic: a float32 linspace rounds indices past 2**24 out of range.
-    idx = torch.arange(16, device=flat.device) * max(flat.numel() - 1, 0) // 15
-    samples = wide[idx] if flat.numel() else torch.zeros(16, dtype=torch.float64)
-    return torch.cat([torch.stack([wide.sum(), wide.abs().sum()]), samples.to(wide.device)])
+    """Sum, absolute sum and 16 evenly spaced elements of ``t``, as CPU fp64 ``[18]``."""
+    with torch.inference_mode(False), torch.no_grad():
+        flat = readable(t).reshape(-1)
+        wide = flat.to(_wide_dtype(flat.device))
+        # Integer arithmetic: a float32 linspace rounds indices past 2**24 out of range.
+        idx = torch.arange(16, device=flat.device) * max(flat.numel() - 1, 0) // 15
+        samples = wide[idx] if flat.numel() else torch.zeros(16, dtype=wide.dtype)
+        stats = torch.cat([torch.stack([wide.sum(), wide.abs().sum()]), samples.to(wide.device)])
+        return stats.to("cpu", torch.float64)
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
-    """A hex digest of every parameter and buffer of ``module`` (names, shapes, dtypes and
-    fp64 sums / samples). Cheap enough for SDXL on a GPU (one transfer), and any merge of a
-    LoRA into a weight changes it."""
+    """A hex digest of every parameter and buffer of ``module``: names, shapes and values
+    (fp64 sums and samples). Cheap enough for SDXL on a GPU (one transfer), and any merge
+    of a LoRA into a weight changes it.
+
+    The storage dtype is left out on purpose: a WebUI may recast a weight without changing
+    its values (Forge casts the fp16-stored text embeddings to fp32 on its first
+    conditioning, which the merge's conditioning may be), and that is no change to guard.
+    """
     names: list[str] = []
     stats: list[torch.Tensor] = []
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        names.append(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}")
-        stats.append(_tensor_stats(tensor).cpu())
+        names.append(f"{name}:{tuple(tensor.shape)}")
+        stats.append(_tensor_stats(tensor))
     digest = hashlib.sha256("|".join(names).encode())
     for s in stats:
         digest.update(struct.pack(f"{s.numel()}d", *s.tolist()))

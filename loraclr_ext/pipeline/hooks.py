@@ -3,6 +3,11 @@
 Host weights are never written: a concept is applied by adding ``up(down(x))`` to the
 output of each module it touches, and every hook is removed when its context exits,
 also on error or interrupt.
+
+Hooks fire inside the host's own code, which may run in inference mode (Forge). Every hook
+body leaves inference mode, so what it makes (deltas added to outputs, recorded rows) is
+an ordinary tensor the solver can use with autograd, while the host's inputs to it may be
+inference tensors.
 """
 
 from __future__ import annotations
@@ -56,13 +61,42 @@ def applied(
                 continue
 
             def hook(mod, args, output, delta=delta):
-                return output + delta_output(mod, delta, args[0])
+                with outside_inference():
+                    return output + delta_output(mod, delta, args[0])
 
             handles.append(module.register_forward_hook(hook))
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def outside_inference() -> Iterator[None]:
+    """Leave inference mode (if the host is in it) without enabling gradients."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def _record(
+    ref: ModuleRef,
+    value: torch.Tensor,
+    geometry: ConvGeometry | None,
+    sink: RowSink,
+    token_weights: Callable[[], torch.Tensor | None],
+) -> None:
+    """One module input ``value`` -> solver rows for ``sink`` (an inference tensor is copied
+    first, so no row the sink keeps is one)."""
+    x = value.detach()
+    if x.is_inference():
+        x = x.clone()
+    weights = token_weights()
+    if geometry is not None or x.ndim != 3:
+        weights = None
+    elif weights is not None and tuple(weights.shape) != tuple(x.shape[:2]):
+        weights = None  # e.g. a UNet attention over pixels: not token-weighted
+    rows = input_rows(x, geometry)
+    sink(ref, rows, None if weights is None else weights.reshape(-1).to(rows.device))
 
 
 RowSink = Callable[[ModuleRef, torch.Tensor, torch.Tensor | None], None]
@@ -86,14 +120,8 @@ def recording(
             geometry = ConvGeometry.of(module) if is_conv(module) else None
 
             def hook(mod, args, output, ref=ref, geometry=geometry):
-                x = args[0].detach()
-                weights = token_weights()
-                if geometry is not None or x.ndim != 3:
-                    weights = None
-                elif weights is not None and tuple(weights.shape) != tuple(x.shape[:2]):
-                    weights = None  # e.g. a UNet attention over pixels: not token-weighted
-                rows = input_rows(x, geometry)
-                sink(ref, rows, None if weights is None else weights.reshape(-1).to(rows.device))
+                with outside_inference():
+                    _record(ref, args[0], geometry, sink, token_weights)
 
             handles.append(module.register_forward_hook(hook))
         yield

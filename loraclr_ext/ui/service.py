@@ -72,7 +72,8 @@ class WebuiContext:
 
     Attributes:
         shared: ``modules.shared`` (``opts``, ``state``, ``cmd_opts``).
-        sd_models: ``modules.sd_models`` (``model_data.sd_model`` peeks without loading).
+        sd_models: ``modules.sd_models`` (``model_data.get_sd_model()`` loads or waits for a
+            load, ``model_data.sd_model`` peeks without either).
         devices: ``modules.devices``.
         call_queue: ``modules.call_queue`` (``queue_lock``, ``wrap_gradio_gpu_call``).
         networks: the built-in Lora extension's ``networks`` module, or ``None``.
@@ -130,13 +131,37 @@ class WebuiContext:
         return folder
 
     def model(self, load: bool = True) -> Any:
-        """The loaded model. Forge builds it lazily (``FakeInitialModel`` until then), so
-        with ``load`` its ``sd_models.forge_model_reload()`` runs first (a no-op when the
-        selected checkpoint is already loaded); merges call this under the queue lock."""
+        """The loaded model, got the way the WebUI's own generation gets it.
+
+        With ``load`` (merges, under the queue lock): Forge builds the model lazily
+        (``FakeInitialModel`` until then), so its ``sd_models.forge_model_reload()`` runs
+        first (a no-op when the selected checkpoint is loaded); then
+        ``model_data.get_sd_model()``, what ``shared.sd_model`` returns: on A1111 and
+        reForge it loads the checkpoint if none was loaded yet, and waits for the load
+        A1111 starts in the background at start-up (it holds ``model_data.lock`` while it
+        loads). ``None`` only when there is no checkpoint to load or loading failed.
+
+        Without ``load`` (the LoRA list, drawn at start-up and on every keystroke, outside
+        the queue lock): a peek at ``model_data.sd_model`` that never loads nor waits;
+        ``None`` while a checkpoint is still loading.
+        """
+        data = self.sd_models.model_data
+        if not load:
+            return data.sd_model
         reload = getattr(self.sd_models, "forge_model_reload", None)
-        if load and callable(reload):
+        if callable(reload):
             reload()
-        return self.sd_models.model_data.sd_model
+        get = getattr(data, "get_sd_model", None)
+        model = get() if callable(get) else data.sd_model
+        lock = getattr(data, "lock", None)
+        locked = getattr(lock, "locked", None)
+        if callable(locked) and locked():
+            # A load in progress holds the lock and may already have published the model
+            # before finishing it (hijack, callbacks): wait for it to end, then look again.
+            with lock:
+                pass
+            model = data.sd_model
+        return model
 
     def model_architecture(self) -> Architecture | None:
         """The loaded model's architecture, for greying out LoRAs; ``None`` when unknown.

@@ -315,6 +315,25 @@ class _FakeModel(torch.nn.Module):
         self.apply_calls = 0
         self.network_layer_mapping: dict[str, torch.nn.Module] = {}
 
+    @torch.no_grad()
+    def generate(self, prompt: str, seed: int = 0, steps: int = 3, size: int = 64) -> bytes:
+        """txt2img as A1111 1.10 runs it (``torch.no_grad``): ``get_learned_conditioning``,
+        then DDIM (η = 0, no CFG) through ``apply_model``; the final latents as bytes, so
+        two generations can be compared exactly."""
+        cond = self.get_learned_conditioning([prompt])
+        alphas = self.alphas_cumprod.double()
+        timesteps = torch.linspace(len(alphas) - 1, 0, steps).round().long().tolist()
+        gen = torch.Generator("cpu").manual_seed(seed)
+        x = torch.randn((1, 4, size // 8, size // 8), generator=gen)
+        for i, t in enumerate(timesteps):
+            a = float(alphas[t])
+            a_prev = float(alphas[timesteps[i + 1]]) if i + 1 < steps else 1.0
+            out = self.apply_model(x, torch.tensor([t]), cond).float()
+            eps = a**0.5 * out + (1 - a) ** 0.5 * x if self.parameterization == "v" else out
+            x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
+            x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+        return x.numpy().tobytes()
+
     def _map_networks(self, roots: list[tuple[str, torch.nn.Module]]) -> None:
         for prefix, root in roots:
             for name, module in root.named_modules():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from forge_fakes.harness import (
+    fresh_forge_image,
     host_state,
     lora_patches,
     make_setup,
@@ -224,31 +225,35 @@ def test_same_name_remerge_is_used_by_the_next_generation(forge):
 
 
 def test_hooks_run_outside_inference_mode(forge):
-    """Forge conditions under ``@torch.inference_mode()``; tensors the merge's hooks make
-    there must stay usable by the solver's autograd refinement."""
+    """Forge conditions under ``@torch.inference_mode()`` (and the host now runs it so,
+    as a generation does); what the merge's own hooks make there must be ordinary tensors
+    the solver's autograd refinement can use, and a delta they add must reach the output."""
     from loraclr_ext.hosts.webui.make import make_host
+    from loraclr_ext.model.deltas import ModuleDelta
+    from loraclr_ext.model.targets import ModuleRef
+    from loraclr_ext.pipeline.hooks import applied, recording
 
     engine = loaded(forge)
     host = make_host(engine, forge.ctx)
-    made = []
-    layer = engine.forge_objects_original.clip.cond_stage_model.clip_l.transformer
-
-    def hook(module, args, output):
-        made.append(args[0].detach() @ torch.ones(args[0].shape[-1], 2))
-
-    # transformers 4 keeps a text_model level, 5 does not: find the layer by its tail.
-    q_proj = next(m for n, m in layer.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
-    handle = q_proj.register_forward_hook(hook)
-    try:
-        with host.clean_weights():
+    ref = ModuleRef("te1", "text_model.encoder.layers.0.self_attn.q_proj")
+    modules = host.modules([ref])
+    width = modules[ref].weight.shape[1]
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    out = modules[ref].weight.shape[0]
+    delta = ModuleDelta(
+        torch.randn(out, 2, generator=gen), torch.randn(2, width, generator=gen), None
+    )
+    with host.clean_weights():
+        plain = host.encode(["sks dog"])
+        with recording(modules, lambda r, x, w: rows.append(x)), applied(modules, {ref: delta}):
             cond = host.encode(["sks dog"])
-    finally:
-        handle.remove()
-    assert made and not any(t.is_inference() for t in made)
-    assert not cond.context.is_inference()
-    d = torch.zeros(2, 3, requires_grad=True)
-    (made[0][0] @ d).sum().backward()  # would raise for an inference tensor
-    assert d.grad is not None
+    assert rows and not any(t.is_inference() for t in rows)
+    assert not cond.context.is_inference() and not plain.context.is_inference()
+    assert float((cond.context - plain.context).abs().max()) > 1e-3  # the delta acted
+    d = torch.zeros(width, 3, requires_grad=True)
+    (rows[0] @ d).sum().backward()  # would raise for an inference tensor
+    assert d.grad is not None and float(d.grad.abs().sum()) > 0
 
 
 def reference_ddim(host, cond, steps: int, size: int, seed: int) -> torch.Tensor:
@@ -315,3 +320,37 @@ def test_sdxl_refiner_refused(tiny):
     memory = MemoryManagement()
     with pytest.raises(LoraClrError, match="no 'clip_l' text encoder"):
         ForgeHost(FakeForgeEngine(parts, memory), memory)
+
+
+@pytest.mark.slow
+def test_first_merge_after_start_leaves_generation_byte_identical(forge, tiny):
+    """Issue 9, items 1–2, as a real Forge showed them: a merge sent before any image was
+    generated (the model built by ``forge_model_reload`` in inference mode, text encoders
+    in fp16 storage) must succeed, and so must a second one, and txt2img afterwards must
+    give the very bytes a just-started Forge that never merged gives."""
+    expected = fresh_forge_image(tiny["pipe"])
+    assert type(forge.model).__name__ == "FakeInitialModel"
+    first = merge(forge, "first")
+    assert first.path.is_file()
+    assert forge.model.generate("a photo of a house") == expected
+    second = merge(forge, "second")
+    assert second.path.is_file()
+    assert forge.model.generate("a photo of a house") == expected
+
+
+def test_generation_after_a_failed_first_merge_is_unchanged(forge, tiny, monkeypatch):
+    """Issue 9, item 2: after a merge that failed on a just-started Forge, plain txt2img
+    failed in Forge's own conditioning (``F.embedding``: "Inference tensors do not track
+    version counter") until a restart. It must give the bytes a Forge that never merged
+    gives."""
+    import loraclr_ext.engine as engine
+
+    def failing_solver(*args, **kwargs):
+        raise RuntimeError("injected failure while solving")
+
+    monkeypatch.setattr(engine, "solve_layer", failing_solver)
+    with pytest.raises(RuntimeError) as failed:
+        merge(forge, "failed")
+    image = forge.model.generate("a photo of a house")  # raised here on a real Forge
+    assert image == fresh_forge_image(tiny["pipe"])
+    assert "injected failure while solving" in str(failed.value)  # not a guard's error

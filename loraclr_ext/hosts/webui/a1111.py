@@ -51,7 +51,13 @@ from loraclr_ext.hosts.webui.fused_attention import (
     explicit_attention,
     projections,
 )
-from loraclr_ext.hosts.weights import changed_weights, weights_fingerprint
+from loraclr_ext.hosts.weights import (
+    changed_weights,
+    readable,
+    to_cpu_float,
+    weights_fingerprint,
+    write_into,
+)
 from loraclr_ext.model.architecture import Architecture
 from loraclr_ext.model.naming import ldm_unet_path
 from loraclr_ext.model.targets import Component, ModuleRef
@@ -269,7 +275,7 @@ class A1111Host:
         if ref not in found:
             raise InvalidInputError(f"The loaded model has no module {ref}.")
         weight = found[ref].weight
-        return weight.detach().to("cpu", torch.float32).reshape(weight.shape[0], -1).clone()
+        return to_cpu_float(weight).reshape(weight.shape[0], -1)
 
     # -- text
 
@@ -376,13 +382,17 @@ class A1111Host:
     def clean_weights(self) -> Iterator[None]:
         """Take the Lora extension's merged LoRAs out, run, put everything back.
 
-        Afterwards every UNet / text-encoder weight is bit-identical to before (checked by
-        fingerprint), also after an error or an interrupt.
+        Everything is put back before anything is checked, whatever stopped the run (an
+        error in any stage, an interrupt, running out of memory, or a failure while taking
+        the LoRAs out); then every UNet / text-encoder weight is checked to be
+        bit-identical to before (by fingerprint).
         """
         models = self._models()
         before = [weights_fingerprint(m) for m in models]
-        saved, loaded = self._unmerge_host_loras()
+        saved: list[_Saved] = []
+        loaded = self._loaded_networks()
         try:
+            self._unmerge_host_loras(saved)
             yield
         finally:
             self._remerge(saved, loaded)
@@ -393,33 +403,46 @@ class A1111Host:
                     "WebUI or reload the checkpoint before generating."
                 )
 
-    def _unmerge_host_loras(self) -> tuple[list[_Saved], list[Any] | None]:
-        """Restore clean weights from the Lora extension's backups (dossier §4.6)."""
+    def _loaded_networks(self) -> list[Any] | None:
+        """The Lora extension's ``loaded_networks`` as they are now (``None``: no extension
+        able to restore weights, so nothing is taken out)."""
         nets = self.networks
         if nets is None or not hasattr(nets, "network_restore_weights_from_backup"):
-            return [], None
-        loaded = list(getattr(nets, "loaded_networks", []))
-        saved: list[_Saved] = []
+            return None
+        return list(getattr(nets, "loaded_networks", []))
+
+    def _unmerge_host_loras(self, saved: list[_Saved]) -> None:
+        """Restore clean weights from the Lora extension's backups (dossier §4.6), noting
+        in ``saved`` each module before it is touched, so a failure halfway is undone."""
+        if self._loaded_networks() is None:
+            return
+        nets = self.networks
         for module in getattr(self.sd_model, "network_layer_mapping", {}).values():
             names = getattr(module, "network_current_names", ())
             if not names:
                 continue
-            tensors = {
-                k: t.detach().to("cpu", copy=True) for k, t in _weight_tensors(module).items()
-            }
+            with torch.inference_mode(False):
+                tensors = {
+                    k: readable(t).to("cpu", copy=True) for k, t in _weight_tensors(module).items()
+                }
             saved.append(_Saved(module, names, tensors))
             nets.network_restore_weights_from_backup(module)
             module.network_current_names = ()
         nets.loaded_networks.clear()
-        return saved, loaded
 
     def _remerge(self, saved: list[_Saved], loaded: list[Any] | None) -> None:
-        """Put the LoRA-merged weights and the Lora extension's state back."""
-        with torch.no_grad():
-            for item in saved:
+        """Put the LoRA-merged weights and the Lora extension's state back (every module,
+        even when one of them fails; the first failure is raised afterwards)."""
+        failure: BaseException | None = None
+        for item in saved:
+            try:
                 live = _weight_tensors(item.module)
                 for name, tensor in item.tensors.items():
-                    live[name].copy_(tensor)
-                item.module.network_current_names = item.names
+                    write_into(live[name], tensor)
+            except Exception as exc:  # restore the rest, then raise
+                failure = failure or exc
+            item.module.network_current_names = item.names
         if loaded is not None:
             self.networks.loaded_networks[:] = loaded
+        if failure is not None:
+            raise failure

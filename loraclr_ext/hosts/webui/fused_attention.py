@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from loraclr_ext.hosts.weights import readable
+
 _SLOTS = {"q": 0, "k": 1, "v": 2}
 _MISSING = object()
 
@@ -54,14 +56,14 @@ class FusedProjection(torch.nn.Module):
     def weight(self) -> torch.Tensor:
         """``[C, C]`` view of the fused ``in_proj_weight`` (out × in)."""
         e = self._mha.embed_dim
-        return self._mha.in_proj_weight[self.index * e : (self.index + 1) * e]
+        return readable(self._mha.in_proj_weight)[self.index * e : (self.index + 1) * e]
 
     @property
     def bias(self) -> torch.Tensor | None:
         """``[C]`` view of the fused ``in_proj_bias``, or ``None``."""
         b = self._mha.in_proj_bias
         e = self._mha.embed_dim
-        return None if b is None else b[self.index * e : (self.index + 1) * e]
+        return None if b is None else readable(b)[self.index * e : (self.index + 1) * e]
 
     @property
     def in_features(self) -> int:

@@ -10,7 +10,7 @@ clean ``forge_objects_original`` patchers through
 ``ldm_patched.modules.model_management.load_models_gpu`` un-merges them. Text encoders are
 HF-layout modules under ``forge_objects_original.clip.cond_stage_model.clip_*.transformer``.
 
-Everything but the locations is :class:`~loraclr_ext.hosts.webui.forge.PatcherHost`.
+Everything but the locations is :class:`~loraclr_ext.hosts.webui.patcher.PatcherHost`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from loraclr_ext.hosts.webui.forge import PatcherHost
+from loraclr_ext.hosts.webui.patcher import PatcherHost
 
 
 class ReforgeHost(PatcherHost):

@@ -56,9 +56,7 @@ def make_setup(kind: str, tiny: dict, tmp_path: Path, monkeypatch: Any) -> Setup
     if kind == "forge":
         memory = new_forge.MemoryManagement()
         monkeypatch.setitem(sys.modules, FORGE_MEMORY, memory)
-        sd_models = new_forge.FakeSdModels(
-            lambda: new_forge.FakeForgeEngine(tiny_parts(tiny["pipe"], Architecture.SD1), memory)
-        )
+        sd_models = new_forge.FakeSdModels(lambda: forge_engine(tiny["pipe"], memory))
     else:
         memory = reforge.ModelManagement()
         monkeypatch.setitem(sys.modules, REFORGE_MEMORY, memory)
@@ -67,6 +65,24 @@ def make_setup(kind: str, tiny: dict, tmp_path: Path, monkeypatch: Any) -> Setup
     ctx = WebuiContext(shared, sd_models, devices, call_queue, networks)
     ctx.check_shapes = False  # tiny model: real SD1 sizes do not apply
     return Setup(ctx, lora_dir, memory, networks, sd_models)
+
+
+def forge_engine(pipe: Any, memory: Any = None) -> Any:
+    """The engine Forge's loader builds for the tiny SD1 pipeline: its own copies of the
+    networks, text encoders in fp16 storage (Forge on a CPU). Call it in inference mode,
+    as ``forge_model_reload`` does, to get what a fresh Forge has."""
+    from forge_fakes import new_forge
+
+    memory = memory if memory is not None else new_forge.MemoryManagement()
+    parts = tiny_parts(pipe, Architecture.SD1)
+    return new_forge.FakeForgeEngine(parts, memory, text_storage=torch.float16)
+
+
+def fresh_forge_image(pipe: Any, prompt: str = "a photo of a house", seed: int = 0) -> bytes:
+    """What a just-started Forge that never merged generates (its first generation)."""
+    with torch.inference_mode():
+        engine = forge_engine(pipe)
+    return engine.generate(prompt, seed)
 
 
 def merge(setup: Setup, output: str, rows=ROWS, **overrides: Any) -> Any:

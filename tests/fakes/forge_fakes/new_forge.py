@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -213,7 +214,12 @@ class FakeForgeEngine:
     """A ``ForgeDiffusionEngine`` (SD1 ``StableDiffusion``, SD2, SDXL): no ``model``, no
     ``cond_stage_model``; conditioning through ``forge_objects.clip`` in inference mode."""
 
-    def __init__(self, parts: TinyParts, memory: MemoryManagement) -> None:
+    def __init__(
+        self,
+        parts: TinyParts,
+        memory: MemoryManagement,
+        text_storage: torch.dtype = torch.float32,
+    ) -> None:
         self.is_sd1 = parts.arch is Architecture.SD1
         self.is_sd2 = parts.arch is Architecture.SD2
         self.is_sdxl = parts.arch is Architecture.SDXL
@@ -229,6 +235,19 @@ class FakeForgeEngine:
         self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
         self.current_lora_hash = str([])
         self.conditioning_calls = 0
+        if text_storage != torch.float32:
+            # Forge keeps the text encoders in ``text_encoder_dtype()`` storage, which is
+            # fp16 on a CPU; its text engine casts the two embeddings to fp32 on every call.
+            for embeddings in self._embeddings():
+                embeddings.to(text_storage)
+
+    def _embeddings(self) -> list[torch.nn.Module]:
+        return [
+            m.get_submodule(n)
+            for m in self.parts.text.values()
+            for n, _ in m.named_modules()
+            if n.endswith(("token_embedding", "position_embedding"))
+        ]
 
     def is_webui_legacy_model(self) -> bool:
         return self.is_sd1 or self.is_sd2 or self.is_sdxl
@@ -237,7 +256,30 @@ class FakeForgeEngine:
     def get_learned_conditioning(self, prompts: list[str]) -> Any:
         self.memory.load_model_gpu(self.forge_objects.clip.patcher)
         self.conditioning_calls += 1
+        for embeddings in self._embeddings():
+            # What Forge's ClassicTextProcessingEngine does before every encode (module
+            # reassigned to ``.to(dtype=float32)``): a no-op once they are fp32, a swap
+            # of every parameter's data the first time.
+            embeddings.to(dtype=torch.float32)
         return encode_prompts(self.parts, list(prompts), getattr(prompts, "width", 1024))
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, seed: int = 0, steps: int = 3, size: int = 64) -> bytes:
+        """txt2img as Forge runs it, in inference mode: conditioning through
+        ``forge_objects.clip``, the UNet of ``forge_objects.unet`` loaded, Euler steps over
+        the model's sigmas in ``apply_model``; the final latents as bytes, so two
+        generations can be compared exactly."""
+        cond = self.get_learned_conditioning([prompt])
+        unet = self.forge_objects.unet
+        self.memory.load_models_gpu([unet])
+        kwargs = (
+            {"c_crossattn": cond}
+            if not isinstance(cond, dict)
+            else {"c_crossattn": cond["crossattn"], "y": cond["vector"]}
+        )
+        return euler_latents(
+            unet.model.apply_model, unet.model.predictor, kwargs, seed, steps, size
+        )
 
     def generate_with_lora(self, filename: str, unet: dict, clip: dict) -> None:
         """What a generation with ``<lora:…>`` leaves behind (§2.2, §3.2, §3.5): patched
@@ -252,6 +294,20 @@ class FakeForgeEngine:
         self.forge_objects = objects.shallow_copy()
         self.current_lora_hash = str([[filename, 1.0, 1.0, False]])
         self.memory.load_models_gpu([objects.unet, objects.clip.patcher])
+
+
+def euler_latents(apply_model, schedule, kwargs: dict, seed: int, steps: int, size: int) -> bytes:
+    """A k-diffusion Euler run (no CFG) through a sigma-space ``apply_model``; the final
+    latents as bytes."""
+    sigmas = schedule.sigmas
+    picks = torch.linspace(len(sigmas) - 1, 0, steps).round().long()
+    levels = [*sigmas[picks].tolist(), 0.0]
+    gen = torch.Generator("cpu").manual_seed(seed)
+    x = torch.randn((1, 4, size // 8, size // 8), generator=gen) * levels[0]
+    for sigma, following in itertools.pairwise(levels):
+        denoised = apply_model(x, torch.tensor([sigma]), **kwargs)
+        x = x + (x - denoised) / sigma * (following - sigma)
+    return x.numpy().tobytes()
 
 
 class FakeInitialModel:

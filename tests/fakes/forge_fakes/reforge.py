@@ -215,6 +215,20 @@ class FakeReforgeModel(torch.nn.Module):
         with torch.no_grad():
             return encode_prompts(self.parts, list(prompts))
 
+    @torch.no_grad()
+    def generate(self, prompt: str, seed: int = 0, steps: int = 3, size: int = 64) -> bytes:
+        """txt2img as reForge runs it (A1111's processing, ``torch.no_grad``): the
+        conditioning through ``forge_objects.clip``, ``forge_objects.unet`` loaded, Euler
+        steps in sigma space through its ``apply_model``; the final latents as bytes."""
+        from forge_fakes.new_forge import euler_latents
+
+        cond = self.get_learned_conditioning([prompt])
+        unet = self.forge_objects.unet
+        self.memory.load_models_gpu([unet])
+        model = unet.model
+        kwargs = {"c_crossattn": cond}
+        return euler_latents(model.apply_model, model.model_sampling, kwargs, seed, steps, size)
+
     def generate_with_lora(self, filename: str, unet: dict, clip: dict) -> None:
         """A generation with ``<lora:…>``: patched clones loaded, weights merged."""
         objects = self.forge_objects_original.shallow_copy()
