@@ -89,8 +89,11 @@ PREFIXES: tuple[Prefix, ...] = (
 """Longest match wins (see :func:`find_prefix`)."""
 
 _BY_LENGTH = sorted(PREFIXES, key=lambda p: len(p.text), reverse=True)
-_BARE_UNET = ("down_blocks.", "mid_block.", "up_blocks.", "input_blocks.", "middle_block.")
-_BARE_UNET += ("output_blocks.", "conv_in.", "conv_out.", "time_embedding.")
+_BARE_UNET = frozenset(
+    {"down_blocks", "mid_block", "up_blocks", "input_blocks", "middle_block", "output_blocks"}
+    | {"conv_in", "conv_out", "time_embedding"}
+)
+"""First path segments of a UNet module written with no component prefix."""
 _BARE = Prefix("", "component", "unet", "dotted", "diffusers (no prefix)")
 
 FOREIGN_BODIES: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -112,7 +115,7 @@ def find_prefix(module: str) -> tuple[Prefix, str] | None:
     for prefix in _BY_LENGTH:
         if module.startswith(prefix.text):
             return prefix, module[len(prefix.text) :]
-    if module.startswith(_BARE_UNET):
+    if module.split(".", 1)[0] in _BARE_UNET:
         return _BARE, module
     return None
 

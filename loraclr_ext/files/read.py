@@ -353,10 +353,14 @@ def read_lora(
     )
 
 
-def precheck_lora(path: str | Path, *, check_shapes: bool = True) -> bool:
+def precheck_lora(
+    path: str | Path, *, check_shapes: bool = True, max_unmatched_fraction: float = 0.1
+) -> bool:
     """Raise for what no base model can fix, from the header alone: not a safetensors file
-    (or a folder), another model family, OFT/IA3/GLoRA, bundled embeddings. The checks that
-    depend on the base model's architecture run again in :func:`read_lora`.
+    (or a folder), another model family, OFT/IA3/GLoRA, bundled embeddings — and, when the
+    file's architecture is known from it, every rule of :func:`read_lora` (kernels of
+    flattened convs, shapes, lost components). :func:`read_lora` checks again against the
+    loaded model's architecture.
 
     Returns:
         whether the file has DoRA modules (their reading needs the base weights).
@@ -364,7 +368,9 @@ def precheck_lora(path: str | Path, *, check_shapes: bool = True) -> bool:
     path = Path(path)
     shapes, metadata = read_header(path)
     reported, arch, plan = _resolve_arch(path, shapes, metadata, None, check_shapes)
-    if plan.modules("unsupported", "embedding"):
+    if reported is not None:  # the file names its architecture: every rule applies now
+        _refuse(path, plan, arch, reported, max_unmatched_fraction)
+    elif plan.modules("unsupported", "embedding"):
         _refuse(path, plan, arch, reported, 1.0)
     return any(m.dora for m in plan.matches.values())
 

@@ -512,3 +512,13 @@ def test_more_prefixes_of_the_table(tmp_path: Path, down_key: str, up_key: str, 
     lf = read_lora(save(tmp_path / "p.safetensors", t), arch_hint=SD1)
     assert lf.unmatched == []
     assert rel(lf.deltas[ref].dense(), t[up_key] @ t[down_key]) < 1e-5
+
+
+def test_precheck_refuses_a_misfit_flattened_conv_before_any_model(tmp_path: Path) -> None:
+    g = gen(18)
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    t = {f"{name}.lora_down.weight": rnd(g, 2, 320 * 4), f"{name}.lora_up.weight": rnd(g, 320, 2)}
+    t |= _kohya_pair(g, SD1_K, 320, 768)  # attn2.to_k from 768: the file is SD1
+    path = save(tmp_path / "misfit.safetensors", t)
+    with pytest.raises(UnmatchedKeysError, match=r"1 of 2 modules cannot be merged"):
+        precheck_lora(path)
