@@ -200,8 +200,8 @@ class WebuiContext:
         entries = []
         for path in self.lora_files():
             stat = path.stat()
-            key = (str(path), stat.st_mtime_ns, stat.st_size, _side_files(path), arch)
-            key += (self.check_shapes,)
+            sides = _side_files(path)
+            key = (str(path), stat.st_mtime_ns, stat.st_size, sides, arch, self.check_shapes)
             if key not in self._cache:
                 info = describe_lora(path, arch, check_shapes=self.check_shapes)
                 self._cache[key] = _entry(info, path.relative_to(self.lora_dir), arch)
