@@ -59,6 +59,7 @@ def build_sd15(device: torch.device):
 
 def write_random_loras(folder: Path, count: int, rank: int) -> list[Path]:
     """``count`` kohya LoRAs of rank ``rank`` on SD1's text and transformer modules."""
+    from loraclr_ext.files.metadata import LoraMetadata
     from loraclr_ext.files.write import write_lora
 
     specs = [s for s in module_specs(Architecture.SD1) if s.group in ("text", "transformer")]
@@ -71,7 +72,7 @@ def write_random_loras(folder: Path, count: int, rank: int) -> list[Path]:
             down = torch.randn(rank, spec.flat_in, generator=g) / spec.flat_in**0.5
             factors[spec.ref] = ModuleDelta(up, down, spec.kernel)
         path = folder / f"concept{i}.safetensors"
-        write_lora(path, factors, Architecture.SD1, triggers=[f"tok{i}"])
+        write_lora(path, factors, Architecture.SD1, LoraMetadata(triggers=[f"tok{i}"]))
         paths.append(path)
     return paths
 

@@ -268,6 +268,7 @@ def _write(
     triggers: list[str],
     layers: list[LayerSummary],
 ) -> Path:
+    from loraclr_ext.files.metadata import LoraMetadata
     from loraclr_ext.files.write import write_lora
 
     recipe = {
@@ -298,13 +299,15 @@ def _write(
         plan.output,
         uniform,
         plan.architecture,
+        LoraMetadata(
+            title=plan.output.stem,
+            triggers=triggers,
+            sources=[(c.lora.path.name, c.lora.sha256) for c in plan.concepts],
+            tag_frequency=tags,
+            recipe=recipe,
+            description="LoRACLR merge of " + ", ".join(c.name for c in plan.concepts),
+        ),
         dtype=DTYPES[plan.options.precision],
-        title=plan.output.stem,
-        triggers=triggers,
-        sources=[(c.lora.path.name, c.lora.sha256) for c in plan.concepts],
-        tag_frequency=tags,
-        recipe=recipe,
-        description="LoRACLR merge of " + ", ".join(c.name for c in plan.concepts),
         overwrite=plan.options.overwrite,
         check_shapes=False,  # shapes were checked against the loaded model itself
     )

@@ -202,6 +202,7 @@ def test_collection_memory_does_not_grow_with_steps_or_prompts(sd1_demo, tmp_pat
 
 def _locon_lora(host, path, seed):
     """A LoCon: 3×3 conv deltas on the UNet's resnets plus one text module."""
+    from loraclr_ext.files.metadata import LoraMetadata
     from loraclr_ext.files.write import write_lora
     from loraclr_ext.model.deltas import ModuleDelta
     from loraclr_ext.model.naming import module_specs
@@ -219,7 +220,9 @@ def _locon_lora(host, path, seed):
         factors[spec.ref] = ModuleDelta(
             up, torch.randn(2, fan_in, generator=g) / fan_in**0.5, spec.kernel
         )
-    write_lora(path, factors, Architecture.SD1, triggers=[f"t{seed}"], check_shapes=False)
+    write_lora(
+        path, factors, Architecture.SD1, LoraMetadata(triggers=[f"t{seed}"]), check_shapes=False
+    )
     return path, len(factors)
 
 

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from loraclr_ext.errors import ArchitectureMismatchError, LoraFileError, UnmatchedKeysError
 from loraclr_ext.files.detect import lora_architecture
-from loraclr_ext.files.read import describe_lora, read_lora, triggers_from_metadata
+from loraclr_ext.files.read import describe_lora, read_lora
+from loraclr_ext.files.triggers import triggers_from_metadata
 from loraclr_ext.model.architecture import Architecture
 from loraclr_ext.model.targets import ModuleRef
 

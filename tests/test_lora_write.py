@@ -11,9 +11,12 @@ import torch
 from safetensors import safe_open
 
 from loraclr_ext.errors import InvalidInputError, OutputExistsError
+from loraclr_ext.files import publish
 from loraclr_ext.files import write as lora_write
+from loraclr_ext.files.metadata import LoraMetadata
+from loraclr_ext.files.names import validate_output_name
 from loraclr_ext.files.read import read_lora
-from loraclr_ext.files.write import validate_output_name, write_lora
+from loraclr_ext.files.write import write_lora
 from loraclr_ext.model.architecture import Architecture
 from loraclr_ext.model.deltas import ModuleDelta
 from loraclr_ext.model.naming import module_specs
@@ -168,13 +171,15 @@ def test_metadata_and_sidecar(tmp_path: Path) -> None:
         tmp_path / "pets.safetensors",
         factors,
         SD1,
-        title="Pets",
-        triggers=["sks dog", "zwx cat"],
-        sources=[("dog", "a" * 64), ("cat", "b" * 64)],
-        tag_frequency=tags,
-        recipe=recipe,
-        description="two pets",
-        metadata_extra={"loraclr_note": "hi"},
+        LoraMetadata(
+            title="Pets",
+            triggers=["sks dog", "zwx cat"],
+            sources=[("dog", "a" * 64), ("cat", "b" * 64)],
+            tag_frequency=tags,
+            recipe=recipe,
+            description="two pets",
+            extra={"loraclr_note": "hi"},
+        ),
     )
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
@@ -258,7 +263,7 @@ def test_arch_metadata(
 def test_metadata_extra_may_not_replace_ours(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="ss_output_name"):
         write_lora(
-            tmp_path / "e.safetensors", _small(), SD1, metadata_extra={"ss_output_name": "x"}
+            tmp_path / "e.safetensors", _small(), SD1, LoraMetadata(extra={"ss_output_name": "x"})
         )
     assert list(tmp_path.iterdir()) == []
 
@@ -300,7 +305,7 @@ def test_failed_sidecar_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monke
     def broken_json(final: Path, content: dict) -> Path:
         raise OSError("read-only")
 
-    monkeypatch.setattr(lora_write, "_write_temp_json", broken_json)
+    monkeypatch.setattr(publish, "write_temp_json", broken_json)
     with pytest.raises(OSError, match="read-only"):
         write_lora(tmp_path / "fail.safetensors", _small(), SD1)
     assert list(tmp_path.iterdir()) == []

@@ -24,6 +24,7 @@ TEXT_WIDTH = 256
 def build_demo_loras(host: Host, folder: Path) -> list[Path]:
     """Fit one selective LoRA per demo concept on ``host`` and write it as a kohya file."""
     from loraclr_ext.demo.concept_fit import FitSettings, fit_concept
+    from loraclr_ext.files.metadata import LoraMetadata
     from loraclr_ext.files.write import write_lora
 
     paths = []
@@ -35,8 +36,7 @@ def build_demo_loras(host: Host, folder: Path) -> list[Path]:
             path,
             deltas,
             host.architecture,
-            triggers=[trigger],
-            title=prompt,
+            LoraMetadata(title=prompt, triggers=[trigger]),
             overwrite=True,
             check_shapes=False,
         )

@@ -145,7 +145,7 @@ PEFT_PARTS = (
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 OTHER_PARTS = ("diff", "diff_b", "alpha", "scale", "dora_scale", "lora_magnitude_vector")
-UNSUPPORTED = ("on_input", "oft_blocks", "oft_diag", "rescale", "w_norm", "b_norm")
+UNSUPPORTED: tuple[str, ...] = ("on_input", "oft_blocks", "oft_diag", "rescale", "w_norm", "b_norm")
 UNSUPPORTED += ("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight")
 BARE = ("weight", "bias")
 

@@ -13,7 +13,6 @@ Only ``.safetensors`` is read; pickles are refused because loading one runs arbi
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -34,12 +33,12 @@ from loraclr_ext.files.dora import bake
 from loraclr_ext.files.formats import FormatError, Shape
 from loraclr_ext.files.match import Match, Plan, leftover_summary, plan_file, refusal
 from loraclr_ext.files.scale import peft_configs
+from loraclr_ext.files.triggers import Triggers, find_triggers
 from loraclr_ext.model.architecture import Architecture
 from loraclr_ext.model.deltas import LoraFile, ModuleDelta
 from loraclr_ext.model.targets import ModuleRef
 
 PICKLE_SUFFIXES = frozenset({".pt", ".ckpt", ".pth", ".bin"})
-MAX_TRIGGER_TAGS = 3
 _HASH_CHUNK = 1 << 20  # bytes per read when hashing
 
 
@@ -105,44 +104,6 @@ def read_header(path: Path) -> tuple[dict[str, Shape], dict[str, str]]:
             "download it again."
         ) from exc
     return shapes, metadata
-
-
-# ----------------------------------------------------------------------------- triggers
-
-
-def _tag_counts(metadata: Mapping[str, str]) -> Counter[str]:
-    """Summed ``ss_tag_frequency`` counts over all dataset folders (empty if absent/bad)."""
-    counts: Counter[str] = Counter()
-    try:
-        folders = json.loads(metadata.get("ss_tag_frequency", "") or "{}")
-    except json.JSONDecodeError:
-        return counts
-    if not isinstance(folders, dict):
-        return counts
-    for tags in folders.values():
-        if isinstance(tags, dict):
-            for tag, n in tags.items():
-                if isinstance(n, int | float) and str(tag).strip():
-                    counts[str(tag).strip()] += int(n)
-    return counts
-
-
-def triggers_from_metadata(metadata: Mapping[str, str]) -> list[str]:
-    """Trigger words, best first.
-
-    ``modelspec.trigger_phrase`` (comma-separated) if present, else the
-    :data:`MAX_TRIGGER_TAGS` most frequent ``ss_tag_frequency`` tags (ties keep file
-    order), else ``ss_output_name``, else nothing.
-    """
-    phrase = metadata.get("modelspec.trigger_phrase", "")
-    words = [w.strip() for w in phrase.split(",") if w.strip()]
-    if words:
-        return list(dict.fromkeys(words))
-    counts = _tag_counts(metadata)
-    if counts:
-        return [tag for tag, _ in counts.most_common(MAX_TRIGGER_TAGS)]
-    name = metadata.get("ss_output_name", "").strip()
-    return [name] if name else []
 
 
 # ----------------------------------------------------------------------------- matching
@@ -348,7 +309,7 @@ def read_lora(
         notes=([leftover_summary(plan)] if plan.leftovers else [])
         + ([_dora_note(dora_ranks)] if dora_ranks else []),
         metadata=metadata,
-        triggers=triggers_from_metadata(metadata),
+        triggers=find_triggers(metadata, path).words,
         sha256=file_sha256(path),
     )
 
@@ -391,7 +352,10 @@ class LoraInfo:
         modules: matched module count per component (``unet``, ``te1``, ``te2``).
         unmatched: how many file modules are not merged (side parts of read modules
             excluded).
-        triggers: as :attr:`LoraFile.triggers`, plus bundled embedding names.
+        triggers: as :attr:`LoraFile.triggers`, plus bundled embedding names
+            (:func:`~loraclr_ext.files.triggers.find_triggers` decides which words).
+        found: the same words with their source and the file's tags, for
+            :func:`~loraclr_ext.files.triggers.concept_prompts`.
         reason: why the file cannot be merged, ``None`` when it can.
         family: the model family in words (``SD 1.x``, ``Flux``…), ``None`` if unknown.
         ranks: every distinct nominal rank of its factored modules.
@@ -410,6 +374,7 @@ class LoraInfo:
     family: str | None = None
     ranks: list[int] = field(default_factory=list)
     not_merged: str = ""
+    found: Triggers = field(default_factory=lambda: Triggers([]))
 
     @property
     def usable(self) -> bool:
@@ -428,7 +393,8 @@ def describe_lora(
     info = LoraInfo(name=path.stem, path=path)
     try:
         shapes, metadata = read_header(path)
-        info.triggers = triggers_from_metadata(metadata)
+        info.found = find_triggers(metadata, path)
+        info.triggers = list(info.found.words)
         foreign = foreign_architecture(shapes, metadata)
         info.family = foreign[0] if foreign else None
         reported, arch, plan = _resolve_arch(path, shapes, metadata, arch_hint, check_shapes)
@@ -445,7 +411,8 @@ def describe_lora(
     info.unmatched = len(plan.modules())
     info.not_merged = leftover_summary(plan)
     embedded = [x.label for x in plan.modules("embedding")]
-    info.triggers = list(dict.fromkeys([*info.triggers, *embedded]))
+    info.found = info.found.with_embedded(embedded)
+    info.triggers = list(info.found.words)
     try:
         _refuse(path, plan, arch, reported, max_unmatched_fraction)
     except UnmatchedKeysError as exc:

@@ -73,8 +73,9 @@ class LoraFile:
             silently dropped).
         notes: one line per kind of what is not merged (side parts, …), for the user.
         metadata: the safetensors ``__metadata__`` (str → str).
-        triggers: trigger words found in metadata (``modelspec.trigger_phrase``,
-            ``ss_tag_frequency``'s most frequent tags, ``ss_output_name``), best first.
+        triggers: trigger words, best first, by ``loraclr_ext.files.triggers.find_triggers``
+            (sidecar activation text, civitai trainedWords, ``modelspec.trigger_phrase``,
+            kohya dataset folders, top ``ss_tag_frequency`` tags, ``ss_output_name``).
         sha256: hex digest of the whole file (provenance in the merge recipe).
     """
 

@@ -68,7 +68,7 @@ def part_selected(ref: ModuleRef, options: MergeOptions) -> bool:
 
 def output_path(directory: Path, name: str) -> Path:
     """``<directory>/<name>.safetensors`` after checking the name and the directory."""
-    from loraclr_ext.files.write import validate_output_name
+    from loraclr_ext.files.names import validate_output_name
 
     stem = validate_output_name(name.removesuffix(".safetensors"))
     if not directory.is_dir():

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from loraclr_ext.errors import InvalidInputError, LoraClrError
+from loraclr_ext.files.triggers import Triggers
 from loraclr_ext.hosts.webui.detect import model_architecture
 from loraclr_ext.hosts.webui.make import forget_cached_loras
 from loraclr_ext.model.architecture import Architecture
@@ -48,13 +49,18 @@ class LoraEntry:
     rank: int | None
     triggers: list[str]
     reason: str | None
+    trigger_source: str = ""
+    """Where :attr:`triggers` came from (:data:`loraclr_ext.files.triggers.SOURCES`)."""
+    found: Triggers | None = field(default=None, repr=False)
+    """The triggers with the file's tags, for the concept table's pre-fill."""
 
     @property
     def usable(self) -> bool:
         return self.reason is None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "usable": self.usable}
+        data = {k: v for k, v in self.__dict__.items() if k != "found"}
+        return {**data, "usable": self.usable}
 
 
 @dataclass
@@ -194,7 +200,8 @@ class WebuiContext:
         entries = []
         for path in self.lora_files():
             stat = path.stat()
-            key = (str(path), stat.st_mtime_ns, stat.st_size, arch, self.check_shapes)
+            sides = _side_files(path)
+            key = (str(path), stat.st_mtime_ns, stat.st_size, sides, arch, self.check_shapes)
             if key not in self._cache:
                 info = describe_lora(path, arch, check_shapes=self.check_shapes)
                 self._cache[key] = _entry(info, path.relative_to(self.lora_dir), arch)
@@ -293,7 +300,21 @@ def _entry(info: Any, rel: Path, arch: Architecture | None) -> LoraEntry:
         rank=info.rank,
         triggers=list(info.triggers),
         reason=reason,
+        trigger_source=info.found.source,
+        found=info.found,
     )
+
+
+def _side_files(path: Path) -> tuple[int, ...]:
+    """Modification times of the files beside a LoRA that hold its triggers (0: none), so
+    editing the activation text refreshes the list."""
+    stamps = []
+    for side in (path.with_suffix(".json"), path.with_suffix(".civitai.info")):
+        try:
+            stamps.append(side.stat().st_mtime_ns)
+        except OSError:
+            stamps.append(0)
+    return tuple(stamps)
 
 
 def _haystack(entry: LoraEntry) -> str:

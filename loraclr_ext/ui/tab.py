@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from loraclr_ext.files.triggers import Triggers, concept_prompts
 from loraclr_ext.pipeline.fields import FieldSpec, option_fields
 from loraclr_ext.ui import render
 from loraclr_ext.ui.service import ConceptRow, WebuiContext, parse_options, user_message
@@ -44,9 +45,16 @@ class TabHandlers:
 
     def select(self, selected: list[str] | None, rows: Any) -> list[list[Any]]:
         """Concept rows for the selection: kept rows keep their edits, new rows get the
-        LoRA's metadata triggers as prompt and strength 1."""
+        LoRA's triggers as prompt and strength 1 (top tags that another selected LoRA
+        also has are left out: :func:`loraclr_ext.files.triggers.concept_prompts`)."""
         current = {r[0]: r for r in _rows(rows)}
-        triggers = {e.name: e.triggers for e in self.ctx.list_loras()}
+        chosen = set(selected or [])
+        found = {
+            e.name: e.found or Triggers(list(e.triggers))
+            for e in self.ctx.list_loras()
+            if e.name in chosen
+        }
+        triggers = concept_prompts(found)
         out = []
         for name in selected or []:
             if name in current:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from loraclr_ext.files.metadata import LoraMetadata
 from loraclr_ext.files.write import write_lora
 from loraclr_ext.model.architecture import Architecture
 from loraclr_ext.model.deltas import ModuleDelta
@@ -34,8 +35,7 @@ def random_lora(host, path: Path, trigger: str, seed: int, rank: int = 4) -> Pat
         path,
         deltas,
         Architecture.SD1,
-        triggers=[trigger],
-        title=trigger,
+        LoraMetadata(title=trigger, triggers=[trigger]),
         overwrite=True,
         sidecar=False,
         check_shapes=False,
@@ -50,7 +50,7 @@ def sdxl_lora(path: Path) -> Path:
         path,
         {ref: delta},
         Architecture.SDXL,
-        triggers=["xlthing"],
+        LoraMetadata(triggers=["xlthing"]),
         overwrite=True,
         sidecar=False,
         check_shapes=False,

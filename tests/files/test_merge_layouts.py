@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from loraclr_ext.demo.tiny import build_tiny_pipeline
 from loraclr_ext.engine import run_merge
+from loraclr_ext.files.metadata import LoraMetadata
 from loraclr_ext.files.read import read_lora
 from loraclr_ext.files.write import write_lora
 from loraclr_ext.hosts.standalone import StandaloneHost
@@ -66,7 +67,9 @@ def _kohya_file(host, path: Path, seed: int) -> Path:
         deltas[ref] = ModuleDelta(
             torch.randn(out, 2, generator=g) * 0.1, torch.randn(2, inp, generator=g) * 0.1
         )
-    return write_lora(path, deltas, SD1, triggers=["zwx"], sidecar=False, check_shapes=False)
+    return write_lora(
+        path, deltas, SD1, LoraMetadata(triggers=["zwx"]), sidecar=False, check_shapes=False
+    )
 
 
 def _lora_modules(model) -> int:

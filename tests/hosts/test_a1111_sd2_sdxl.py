@@ -17,6 +17,7 @@ from sd_model import fake_sd_model
 from loraclr_ext.demo.tiny import build_tiny_pipeline, build_tiny_tokenizer
 from loraclr_ext.engine import run_merge
 from loraclr_ext.errors import InvalidInputError
+from loraclr_ext.files.metadata import LoraMetadata
 from loraclr_ext.files.read import read_header, read_lora
 from loraclr_ext.files.write import write_lora
 from loraclr_ext.hosts.standalone import StandaloneHost
@@ -85,7 +86,7 @@ def random_loras(host: StandaloneHost, folder: Path) -> list[Path]:
             path,
             deltas,
             host.architecture,
-            triggers=[trigger],
+            LoraMetadata(triggers=[trigger]),
             overwrite=True,
             sidecar=False,
             check_shapes=False,
