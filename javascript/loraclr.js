@@ -63,16 +63,16 @@ function loraclrStartMerge() {
 }
 
 // After a merge: let the txt2img / img2img Lora cards pick up the new file. Runs before the
-// list's own rescan (a Python step with one input, the search text), so it hands that
-// input on unchanged.
-function loraclrRefreshCards(query) {
+// list's own rescan (a Python step whose inputs are the search text and the ticked LoRAs),
+// so it hands those two inputs on unchanged.
+function loraclrRefreshCards(query, selected) {
     ["txt2img", "img2img"].forEach(function(tab) {
         var button = loraclrApp().getElementById(tab + "_lora_extra_refresh_internal");
         if (button) {
             button.click();
         }
     });
-    return [query];
+    return [query, selected];
 }
 
 // "Send to txt2img": append the prompt tag to the txt2img prompt and switch tabs. The

@@ -17,8 +17,8 @@ from loraclr_ext.ui.service import ConceptRow, WebuiContext, parse_options, user
 
 HEADERS = ["LoRA", "concept prompt", "strength"]
 CONCEPTS_HINT = (
-    "<p class='loraclr-concepts-hint'>Tick two or more LoRAs above: each gets a row here "
-    "with its concept prompt (from its trigger words) and strength.</p>"
+    "<p class='loraclr-concepts-hint'>Tick two or more LoRAs above: each gets a row in "
+    "this table with its concept prompt (from its trigger words) and strength.</p>"
 )
 
 
@@ -39,12 +39,16 @@ class TabHandlers:
         shown = self.ctx.list_loras(query or "")
         return render.lora_table(shown, len(self.ctx.list_loras()))
 
-    def refresh(self, query: str = "") -> tuple[str, Any]:
-        """Rescan the Lora folder: new table and selector choices."""
+    def refresh(self, query: str = "", selected: list[str] | None = None) -> tuple[str, Any]:
+        """Rescan the Lora folder: new table, new selector choices, and the ticked LoRAs
+        that still exist sent back with them (gradio 4.40 keeps a multiselect's choice by
+        position: given only new choices, it showed other LoRAs as ticked)."""
         import gradio as gr
 
         self.ctx.refresh_networks()
-        return self.list_html(query), gr.update(choices=self.choices())
+        choices = self.choices()
+        kept = [name for name in selected or [] if name in choices]
+        return self.list_html(query), gr.update(choices=choices, value=kept)
 
     def select(self, selected: list[str] | None, rows: Any) -> list[list[Any]]:
         """Concept rows for the selection: kept rows keep their edits, new rows get the
@@ -60,13 +64,12 @@ class TabHandlers:
         return out
 
     def select_view(self, selected: list[str] | None, rows: Any) -> tuple[Any, Any]:
-        """The selector's event: the concept table with its rows, shown only when it has
-        any (gradio 4 draws an empty table as one blank row with strength 0), and the hint
-        in its place otherwise."""
+        """The selector's event: the concept rows, and the hint shown while there are
+        none."""
         import gradio as gr
 
         new = self.select(selected, rows)
-        return gr.update(value=new, visible=bool(new)), gr.update(visible=not new)
+        return new, gr.update(visible=not new)
 
     @staticmethod
     def send_state(tag: str | None) -> Any:
@@ -182,7 +185,10 @@ def create_tab(ctx: WebuiContext) -> tuple[Any, TabHandlers]:
                     label="LoRAs to merge (incompatible ones are not offered)",
                     elem_id="loraclr_select",
                 )
-                hint = gr.HTML(CONCEPTS_HINT, elem_id="loraclr_concepts_hint")
+                # Until a LoRA is ticked, style.css hides the table's rows while the hint
+                # below shows: gradio's one default empty row came out in gradio 4.40 as a
+                # blank row with strength 0 (a table of no rows crashes gradio 4.40's
+                # frontend, and one mounted hidden misplaced its double-clicks).
                 concepts = gr.Dataframe(
                     headers=HEADERS,
                     datatype=["str", "str", "number"],
@@ -191,8 +197,8 @@ def create_tab(ctx: WebuiContext) -> tuple[Any, TabHandlers]:
                     interactive=True,
                     label="Concepts: prompt with trigger words, and strength",
                     elem_id="loraclr_concepts",
-                    visible=False,
                 )
+                hint = gr.HTML(CONCEPTS_HINT, elem_id="loraclr_concepts_hint")
             with gr.Column(scale=2):
                 widgets = []
                 for spec in h.specs:
@@ -224,7 +230,7 @@ def create_tab(ctx: WebuiContext) -> tuple[Any, TabHandlers]:
                     )
 
         search.change(h.list_html, inputs=[search], outputs=[table], queue=False)
-        refresh.click(h.refresh, inputs=[search], outputs=[table, selector])
+        refresh.click(h.refresh, inputs=[search, selector], outputs=[table, selector])
         # Outside the queue, like the search box: a cheap update that must not wait
         # behind (or be merged with) the previous tick's.
         selector.change(
@@ -240,7 +246,12 @@ def create_tab(ctx: WebuiContext) -> tuple[Any, TabHandlers]:
             inputs=[task_id, selector, concepts, *widgets],
             outputs=[tag, result],
             **js("loraclrStartMerge"),
-        ).then(h.refresh, inputs=[search], outputs=[table, selector], **js("loraclrRefreshCards"))
+        ).then(
+            h.refresh,
+            inputs=[search, selector],
+            outputs=[table, selector],
+            **js("loraclrRefreshCards"),
+        )
         stop.click(h.interrupt, queue=False)
         tag.change(h.send_state, inputs=[tag], outputs=[send], queue=False)
         send.click(fn=None, inputs=[tag], **js("loraclrSendToTxt2img"))
