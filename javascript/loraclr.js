@@ -38,34 +38,51 @@ function loraclrShowTab(name) {
     }
 }
 
+// Where the WebUI's progress bar goes: it is inserted before the element given, so this is
+// the anchor inside the tab's own progress area (#loraclr_progress, kept in the flow by
+// style.css) rather than a block whose parent is the whole column.
+function loraclrProgressAnchor() {
+    var box = loraclrApp().querySelector("#loraclr_progress");
+    if (!box) {
+        return null;
+    }
+    return box.querySelector(".loraclr-progress-anchor") || box;
+}
+
 // Merge button: give the job a task id and show the WebUI progress bar (A1111's and
 // Forge's randomId/requestProgress from progressbar.js), then pass the inputs on.
 function loraclrStartMerge() {
     var args = Array.prototype.slice.call(arguments);
-    if (typeof randomId === "function" && typeof requestProgress === "function") {
+    var anchor = loraclrProgressAnchor();
+    if (anchor && typeof randomId === "function" && typeof requestProgress === "function") {
         var id = randomId();
         args[0] = id;
-        var box = loraclrApp().getElementById("loraclr_progress");
-        requestProgress(id, box, null, function() {});
+        requestProgress(id, anchor, null, function() {});
     }
     return args;
 }
 
-// After a merge: let the txt2img / img2img Lora cards pick up the new file.
-function loraclrRefreshCards() {
+// After a merge: let the txt2img / img2img Lora cards pick up the new file. Runs before the
+// list's own rescan (a Python step whose inputs are the search text and the ticked LoRAs),
+// so it hands those two inputs on unchanged.
+function loraclrRefreshCards(query, selected) {
     ["txt2img", "img2img"].forEach(function(tab) {
         var button = loraclrApp().getElementById(tab + "_lora_extra_refresh_internal");
         if (button) {
             button.click();
         }
     });
-    return [];
+    return [query, selected];
 }
 
-// "Send to txt2img": append the prompt tag to the txt2img prompt and switch tabs.
+// "Send to txt2img": append the prompt tag to the txt2img prompt and switch tabs. The
+// button is disabled until a merge produced a tag; without one nothing happens at all.
 function loraclrSendToTxt2img(tag) {
+    if (!tag || !String(tag).trim()) {
+        return [];
+    }
     var box = loraclrField("txt2img_prompt");
-    if (box && tag) {
+    if (box) {
         loraclrSetValue(box, box.value ? box.value.replace(/[\s,]*$/, ", ") + tag : tag);
     }
     loraclrShowTab("txt2img");

@@ -152,3 +152,26 @@ def test_existing_output_is_kept_without_overwrite(sd1_demo, tmp_path, capsys):
     code, _, err = run(capsys, *merge_args(sd1_demo, out, "--overwrite", "--no-quality"))
     assert code == 0, err
     assert out.read_bytes() != b"user data"
+
+
+def test_rank_zero_means_exact_in_the_flag_the_tab_and_the_help(tmp_path):
+    """One spelling of "exact" everywhere: ``--rank 0`` parses to an exact merge, and the
+    tab's label and help and the flag's help all say "0 = exact"."""
+    from loraclr_ext.cli import _options, build_parser
+    from loraclr_ext.pipeline.fields import option_fields
+
+    parser = build_parser()
+    base = ["merge", "--base", tmp_path, "--lora", "a", "--prompt", "a", "--out", "o"]
+    args = parser.parse_args([str(a) for a in [*base, "--rank", "0"]])
+    assert _options(args, "o").rank is None
+    assert _options(parser.parse_args([str(a) for a in base]), "o").rank is None
+    assert _options(parser.parse_args([*map(str, base), "--rank", "8"]), "o").rank == 8
+    rank = next(s for s in option_fields() if s.name == "rank")
+    assert rank.label == "Rank (0 = exact)"
+    assert "0 = exact" in rank.help and "empty" not in rank.help
+    flag = next(
+        a
+        for a in parser._subparsers._group_actions[0].choices["merge"]._actions
+        if "--rank" in a.option_strings
+    )
+    assert "0 = exact" in flag.help

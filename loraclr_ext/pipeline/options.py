@@ -39,7 +39,7 @@ class MergeOptions:
 
     output: str = _opt("merged", "Output LoRA name (file stem in the Lora folder)")
     rank: int | None = _opt(
-        None, "Target rank; 0 or empty = exact (≤ sum of the inputs' ranks)", minimum=0
+        None, "Target rank; 0 = exact, the default (≤ sum of the inputs' ranks)", minimum=0
     )
     text_encoder: bool = _opt(True, "Merge text-encoder layers")
     cross_attention: bool = _opt(True, "Merge cross-attention K/V layers")

@@ -4,6 +4,12 @@
 * ``GET /loraclr/v1/loras`` -> every LoRA in the Lora folder, with ``usable``/``reason``.
 * ``POST /loraclr/v1/merge`` -> ``{"file", "path", "prompt", "triggers", "seconds",
   "report"}``; bad input -> HTTP 4xx ``{"detail": message}`` with the tab's message.
+* ``GET /loraclr/v1/status`` -> the running or last LoRACLR merge (tab or REST):
+  ``{"running", "output", "source", "stage", "progress", "started", "elapsed_s", "eta_s",
+  "finished", "outcome"}``; for a client whose ``merge`` request timed out.
+* ``POST /loraclr/v1/interrupt`` -> stops the running LoRACLR merge (the engine polls the
+  WebUI's interrupt flag; nothing is written) and answers the status; HTTP 409 when no
+  LoRACLR merge runs, so a txt2img job is never interrupted from here.
 
 The merge holds the WebUI's generation lock. With ``--api-auth user:pass[,…]`` every route
 needs HTTP Basic credentials, like the WebUI's own API.
@@ -121,11 +127,23 @@ def mount(app: Any, ctx: WebuiContext, api_auth: str | None = None) -> None:
             rows = _concepts(body)
             options = parse_options(ctx, {k: v for k, v in body.items() if k != "loras"})
             with ctx.job("loraclr-merge (API)"):
-                result = ctx.merge(rows, options)
+                result = ctx.merge(rows, options, source="api")
         except Exception as exc:  # every failure -> its message with a 4xx status
             raise HTTPException(status_code=status_code(exc), detail=user_message(exc)) from exc
         return merge_response(result)
 
+    def status() -> dict[str, Any]:
+        return ctx.status()
+
+    def interrupt() -> dict[str, Any]:
+        if not ctx.interrupt():
+            raise HTTPException(
+                status_code=409, detail="No LoRACLR merge is running; nothing to interrupt."
+            )
+        return {"interrupted": True, "status": ctx.status()}
+
     app.add_api_route(f"{PREFIX}/version", version, methods=["GET"], dependencies=deps)
     app.add_api_route(f"{PREFIX}/loras", loras, methods=["GET"], dependencies=deps)
     app.add_api_route(f"{PREFIX}/merge", merge, methods=["POST"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/status", status, methods=["GET"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/interrupt", interrupt, methods=["POST"], dependencies=deps)

@@ -41,23 +41,33 @@ def lora_table(entries: list[LoraEntry], total: int) -> str:
     return f"{note}{_scroll(table)}"
 
 
+PROGRESS_AREA = (
+    "<div class='loraclr-progress-area'><div class='loraclr-progress-anchor'></div></div>"
+)
+"""The progress bar's own place (``#loraclr_progress``): the WebUI's ``requestProgress``
+inserts its bar before the anchor, inside this area, which ``style.css`` keeps in the flow
+(the WebUI's own CSS positions the bar absolutely, over whatever is above)."""
+
+
 def message(text: str, *, error: bool = True) -> str:
     cls = "loraclr-error" if error else "loraclr-info"
     return f"<div class='{cls}'>{escape(text)}</div>"
 
 
 def _bar(value: float, scale: float) -> str:
-    width = 0.0 if scale <= 0 else max(0.0, min(value / scale, 1.0)) * 100
+    """The value over a bar that fills its cell's width in proportion to ``scale`` (the
+    column's largest value): the bar is a block inside the cell, so it never overflows."""
+    share = 0.0 if scale <= 0 else max(0.0, min(value / scale, 1.0)) * 100
     return (
         f"<span class='loraclr-value'>{value:.3f}</span>"
-        f"<span class='loraclr-bar' style='display:inline-block;height:0.6em;"
-        f"width:{width:.0f}px;background:var(--loraclr-bar,#6c8ebf);margin-left:4px'></span>"
+        f"<span class='loraclr-track'><span class='loraclr-bar' "
+        f"style='width:{share:.0f}%'></span></span>"
     )
 
 
 def report_table(report: Any) -> str:
-    """Method × (mean text@trigger error, UNet error, leak, base moved) with inline bars
-    scaled to the largest value of each column (lower is better)."""
+    """Method × (mean text@trigger error, UNet error, leak, base moved) with a bar under
+    each value, scaled to the largest value of its column (lower is better)."""
     columns = [*REPORT_COLUMNS, ("preservation_unet", "base moved")]
     values = {
         m.method: [
@@ -70,15 +80,46 @@ def report_table(report: Any) -> str:
     rows = []
     for method, vals in values.items():
         cells = "".join(f"<td>{_bar(v, s)}</td>" for v, s in zip(vals, scales, strict=True))
-        rows.append(f"<tr><td>{escape(method)}</td>{cells}</tr>")
+        rows.append(f"<tr><th scope='row'>{escape(method)}</th>{cells}</tr>")
     return (
         _scroll(
-            f"<table class='loraclr-report'><tr><th>method</th>{head}</tr>{''.join(rows)}</table>"
+            f"<table class='loraclr-report'><thead><tr><th>method</th>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>"
         )
         + "<p class='loraclr-note'>Errors relative to each LoRA alone on held-out prompts; "
         "lower is better. Leak: share of the other LoRAs' effect bleeding into a concept "
         "(stacking ≈ 1).</p>"
     )
+
+
+STAGE_WORDS = {
+    "collect": "recording",
+    "solve": "solving",
+    "report": "quality report",
+    "write": "writing",
+}
+"""How the engine's timing keys read in the panel."""
+
+
+def duration(seconds: float) -> str:
+    """``0.4 s``, ``36 s``, ``1 min 51 s``, ``1 h 02 min``."""
+    if seconds < 9.95:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s" if secs else f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def stage_times(seconds: dict[str, float]) -> str:
+    """``took 2 min 50 s: recording 36 s · solving 7 s · quality report 1 min 51 s · …``"""
+    parts = [f"{STAGE_WORDS.get(k, k)} {duration(v)}" for k, v in seconds.items()]
+    total = duration(sum(seconds.values()))
+    return f"took {total}: " + " · ".join(parts) if parts else ""
 
 
 def result_panel(result: Any) -> str:
@@ -88,8 +129,8 @@ def result_panel(result: Any) -> str:
         f"in {escape(str(result.path.parent))} (with a {escape(result.path.stem)}.json "
         "sidecar).</p>",
         f"<p>Use: <code>{escape(result.prompt_tag)}</code></p>",
-        f"<p class='loraclr-note'>{len(result.layers)} modules; seconds: "
-        f"{escape(', '.join(f'{k} {v}' for k, v in result.seconds.items()))}</p>",
+        f"<p class='loraclr-note loraclr-times'>{len(result.layers)} modules; "
+        f"{escape(stage_times(result.seconds))}</p>",
     ]
     if result.report is not None:
         parts.append(report_table(result.report))
@@ -99,4 +140,4 @@ def result_panel(result: Any) -> str:
 
 def _scroll(table: str) -> str:
     """Let a wide table scroll inside its column instead of being cut off at its edge."""
-    return f"<div style='overflow-x:auto;max-width:100%'>{table}</div>"
+    return f"<div class='loraclr-scroll'>{table}</div>"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -20,6 +22,7 @@ from loraclr_ext.hosts.webui.detect import model_architecture
 from loraclr_ext.hosts.webui.make import forget_cached_loras
 from loraclr_ext.model.architecture import Architecture
 from loraclr_ext.pipeline.options import ConceptSpec, MergeOptions
+from loraclr_ext.ui.progress import Snapshot, StateProgress
 
 log = logging.getLogger("loraclr")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -93,6 +96,8 @@ class WebuiContext:
     networks: Any = None
     check_shapes: bool = True
     _cache: dict[tuple, LoraEntry] = field(default_factory=dict, repr=False)
+    _last: Snapshot | None = field(default=None, repr=False)
+    _status_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def from_webui(cls) -> WebuiContext:
@@ -231,10 +236,11 @@ class WebuiContext:
             finally:
                 self.shared.state.end()
 
-    def merge(self, rows: list[ConceptRow], options: MergeOptions) -> Any:
+    def merge(self, rows: list[ConceptRow], options: MergeOptions, *, source: str = "tab") -> Any:
         """Validate, merge on the loaded checkpoint, write, refresh the Lora list.
 
-        Call with the generation lock held. Returns the engine's ``MergeResult``.
+        Call with the generation lock held. ``source`` ("tab", "api") is what the status
+        route reports as the merge's origin. Returns the engine's ``MergeResult``.
 
         Raises:
             LoraClrError: any bad input, no model, out of memory, interrupt.
@@ -242,24 +248,54 @@ class WebuiContext:
         from loraclr_ext.engine import merge
         from loraclr_ext.hosts.webui.make import make_host
         from loraclr_ext.pipeline.plan import output_path
-        from loraclr_ext.ui.progress import StateProgress
 
-        specs = [ConceptSpec(self.resolve(r.name), r.prompt, float(r.strength)) for r in rows]
-        out = output_path(self.output_dir(), options.output)
+        snapshot = Snapshot(output=options.output, source=source)
+        with self._status_lock:
+            self._last = snapshot
+        progress = StateProgress(self.shared.state, quality=options.quality, snapshot=snapshot)
+        outcome = "failed"
         try:
+            specs = [ConceptSpec(self.resolve(r.name), r.prompt, float(r.strength)) for r in rows]
+            out = output_path(self.output_dir(), options.output)
             result = merge(
                 specs,
                 options,
                 out,
                 lambda: make_host(self.model(), self),
-                StateProgress(self.shared.state),
+                progress,
                 check_shapes=self.check_shapes,
             )
+            outcome = f"wrote {result.path.name}"
+        except Exception as exc:
+            outcome = str(exc) if isinstance(exc, LoraClrError) else type(exc).__name__
+            raise
         finally:
             if hasattr(self.devices, "torch_gc"):
                 self.devices.torch_gc()
+            with self._status_lock:
+                snapshot.finished, snapshot.outcome = time.time(), outcome
+                if outcome.startswith("wrote"):
+                    snapshot.stage, snapshot.fraction = "done", 1.0
         self.refresh_networks()
         return result
+
+    def status(self) -> dict[str, Any]:
+        """The running (or else the last) LoRACLR merge since start-up, as JSON."""
+        with self._status_lock:
+            last = self._last
+        if last is None:
+            return {"running": False, "output": None, "stage": None, "progress": None}
+        return last.to_dict()
+
+    def interrupt(self) -> bool:
+        """Raise the WebUI's interrupt flag, which the engine polls, if and only if a
+        LoRACLR merge is running (a txt2img job is never stopped from here)."""
+        with self._status_lock:
+            if self._last is None or not self._last.running:
+                return False
+            self.shared.state.interrupt()
+            self._last.stage = "interrupting"
+            return True
 
     def refresh_networks(self) -> None:
         """Let the built-in Lora extension see the new file (dossier Appendix B.8); on

@@ -17,6 +17,10 @@ from loraclr_ext.ui import render
 from loraclr_ext.ui.service import ConceptRow, WebuiContext, parse_options, user_message
 
 HEADERS = ["LoRA", "concept prompt", "strength"]
+CONCEPTS_HINT = (
+    "<p class='loraclr-concepts-hint'>Tick two or more LoRAs above: each gets a row in "
+    "this table with its concept prompt (from its trigger words) and strength.</p>"
+)
 
 
 class TabHandlers:
@@ -36,12 +40,16 @@ class TabHandlers:
         shown = self.ctx.list_loras(query or "")
         return render.lora_table(shown, len(self.ctx.list_loras()))
 
-    def refresh(self, query: str = "") -> tuple[str, Any]:
-        """Rescan the Lora folder: new table and selector choices."""
+    def refresh(self, query: str = "", selected: list[str] | None = None) -> tuple[str, Any]:
+        """Rescan the Lora folder: new table, new selector choices, and the ticked LoRAs
+        that still exist sent back with them (gradio 4.40 keeps a multiselect's choice by
+        position: given only new choices, it showed other LoRAs as ticked)."""
         import gradio as gr
 
         self.ctx.refresh_networks()
-        return self.list_html(query), gr.update(choices=self.choices())
+        choices = self.choices()
+        kept = [name for name in selected or [] if name in choices]
+        return self.list_html(query), gr.update(choices=choices, value=kept)
 
     def select(self, selected: list[str] | None, rows: Any) -> list[list[Any]]:
         """Concept rows for the selection: kept rows keep their edits, new rows get the
@@ -62,6 +70,21 @@ class TabHandlers:
             else:
                 out.append([name, ", ".join(triggers.get(name, [])), 1.0])
         return out
+
+    def select_view(self, selected: list[str] | None, rows: Any) -> tuple[Any, Any]:
+        """The selector's event: the concept rows, and the hint shown while there are
+        none."""
+        import gradio as gr
+
+        new = self.select(selected, rows)
+        return new, gr.update(visible=not new)
+
+    @staticmethod
+    def send_state(tag: str | None) -> Any:
+        """The "Send to txt2img" button is usable only once a merge produced a tag."""
+        import gradio as gr
+
+        return gr.update(interactive=bool((tag or "").strip()))
 
     # -- merge
 
@@ -97,7 +120,8 @@ class TabHandlers:
         return out
 
     def interrupt(self) -> None:
-        self.ctx.shared.state.interrupt()
+        """Stop the running LoRACLR merge; a generation started elsewhere is left alone."""
+        self.ctx.interrupt()
 
 
 def _rows(rows: Any) -> list[list[Any]]:
@@ -169,6 +193,10 @@ def create_tab(ctx: WebuiContext) -> tuple[Any, TabHandlers]:
                     label="LoRAs to merge (incompatible ones are not offered)",
                     elem_id="loraclr_select",
                 )
+                # Until a LoRA is ticked, style.css hides the table's rows while the hint
+                # below shows: gradio's one default empty row came out in gradio 4.40 as a
+                # blank row with strength 0 (a table of no rows crashes gradio 4.40's
+                # frontend, and one mounted hidden misplaced its double-clicks).
                 concepts = gr.Dataframe(
                     headers=HEADERS,
                     datatype=["str", "str", "number"],
@@ -178,6 +206,7 @@ def create_tab(ctx: WebuiContext) -> tuple[Any, TabHandlers]:
                     label="Concepts: prompt with trigger words, and strength",
                     elem_id="loraclr_concepts",
                 )
+                hint = gr.HTML(CONCEPTS_HINT, elem_id="loraclr_concepts_hint")
             with gr.Column(scale=2):
                 widgets = []
                 for spec in h.specs:
@@ -192,7 +221,7 @@ def create_tab(ctx: WebuiContext) -> tuple[Any, TabHandlers]:
                 with gr.Row():
                     merge = gr.Button("Merge", variant="primary", elem_id="loraclr_merge")
                     stop = gr.Button("Interrupt", elem_id="loraclr_interrupt")
-                gr.HTML("", elem_id="loraclr_progress")
+                gr.HTML(render.PROGRESS_AREA, elem_id="loraclr_progress")
                 result = gr.HTML(elem_id="loraclr_result")
                 with gr.Row():
                     tag = gr.Textbox(
@@ -201,23 +230,38 @@ def create_tab(ctx: WebuiContext) -> tuple[Any, TabHandlers]:
                         show_copy_button=True,
                         elem_id="loraclr_prompt_tag",
                     )
-                    send = gr.Button("Send to txt2img", elem_id="loraclr_send_txt2img", scale=0)
+                    send = gr.Button(
+                        "Send to txt2img",
+                        elem_id="loraclr_send_txt2img",
+                        scale=0,
+                        interactive=False,
+                    )
 
         search.change(h.list_html, inputs=[search], outputs=[table], queue=False)
-        refresh.click(h.refresh, inputs=[search], outputs=[table, selector])
+        refresh.click(h.refresh, inputs=[search, selector], outputs=[table, selector])
         # Outside the queue, like the search box: a cheap update that must not wait
         # behind (or be merged with) the previous tick's.
-        selector.change(h.select, inputs=[selector, concepts], outputs=[concepts], queue=False)
+        selector.change(
+            h.select_view, inputs=[selector, concepts], outputs=[concepts, hint], queue=False
+        )
         run = ctx.call_queue.wrap_gradio_gpu_call(h.merge, extra_outputs=[""])
+        # After the merge: rescan the list (new file, new count) and let the txt2img /
+        # img2img Lora cards refresh. One step with both a Python and a JS function: in
+        # gradio 3.41 a step with only a JS function never starts the step chained after it,
+        # which left the list at its old count until a restart.
         merge.click(
             run,
             inputs=[task_id, selector, concepts, *widgets],
             outputs=[tag, result],
             **js("loraclrStartMerge"),
-        ).then(fn=None, **js("loraclrRefreshCards")).then(
-            h.refresh, inputs=[search], outputs=[table, selector]
+        ).then(
+            h.refresh,
+            inputs=[search, selector],
+            outputs=[table, selector],
+            **js("loraclrRefreshCards"),
         )
         stop.click(h.interrupt, queue=False)
+        tag.change(h.send_state, inputs=[tag], outputs=[send], queue=False)
         send.click(fn=None, inputs=[tag], **js("loraclrSendToTxt2img"))
     tab.loraclr_handlers = h
     return tab, h

@@ -4,7 +4,12 @@ A small gradio app (3.41.2 or 4.40.0, whichever venv runs the test) serves the t
 over the ``modules.*`` stand-ins, as in ``test_tab.py``) next to a stand-in txt2img tab on
 127.0.0.1; the test ticks two LoRAs, edits a concept prompt, sets a tiny merge, clicks
 Merge and checks the result panel, the report and the written file, then sends the prompt
-tag to txt2img. A screenshot goes to ``test-artifacts/loraclr_tab_gradio<major>.png``.
+tag to txt2img. The page also carries stand-ins of the WebUI's progress bar
+(``tests/fakes/webui_page``: its script, its CSS, and ``/internal/progress`` answered from
+``shared.state`` the WebUI's way), the extension's ``style.css`` and ``javascript/`` file.
+Any page error fails the test. Screenshots go to ``test-artifacts/``:
+``loraclr_tab_gradio<major>_start.png`` (nothing ticked), ``…_during.png`` (progress bar
+up), ``loraclr_tab_gradio<major>.png`` (result and report).
 
 Skipped where ``/usr/bin/chromium`` or the ``playwright`` package is missing (CI installs
 both: ``.ci/run`` and ``.ci/setup-ui``). Playwright's own browser downloads are never used.
@@ -13,13 +18,16 @@ both: ``.ci/run`` and ``.ci/setup-ui``). Playwright's own browser downloads are 
 from __future__ import annotations
 
 import importlib.util
+import re
 import socket
+import time
 from pathlib import Path
 
 import pytest
 from fixtures import gradio_major
 
 ROOT = Path(__file__).resolve().parents[2]
+PAGE = ROOT / "tests" / "fakes" / "webui_page"
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM_ARGS = [
@@ -32,7 +40,9 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-MERGE_TIMEOUT_MS = 180_000  # the tiny merge with its report: ~15 s on 2 shared cores
+MERGE_TIMEOUT_MS = (
+    600_000  # the tiny merge with its report: ~15 s alone on 2 cores, minutes when shared
+)
 
 BROWSER = pytest.mark.browser
 
@@ -83,10 +93,24 @@ def served(webui):
         show_api=False,
         inbrowser=False,
     )
+    add_progress_route(app.server_app)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
         app.close()
+
+
+def add_progress_route(fastapi_app) -> None:
+    """``POST /internal/progress`` as the WebUI serves it, ahead of gradio's own routes."""
+    from fastapi import Body
+    from modules import progress
+
+    def internal_progress(body: dict = Body(...)) -> dict:  # noqa: B008
+        return progress.answer(str(body.get("id_task", "")))
+
+    fastapi_app.add_api_route("/internal/progress", internal_progress, methods=["POST"])
+    routes = fastapi_app.router.routes
+    routes.insert(0, routes.pop())
 
 
 @pytest.fixture
@@ -142,33 +166,113 @@ def expect_value(field, value: str, timeout_ms: int = 10_000) -> None:
     expect(field).to_have_value(value, timeout=timeout_ms)
 
 
-def shot(page, path: Path) -> None:
+def shot(page, name: str, full_page: bool = True) -> None:
+    """A screenshot into test-artifacts/ (the whole page unless ``full_page`` is off)."""
+    path = ARTIFACTS / f"loraclr_tab_gradio{gradio_major()}{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(path), full_page=True)
+    page.screenshot(path=str(path), full_page=full_page)
+
+
+def open_tab(page, url: str) -> None:
+    """The page as a WebUI serves it: its progress-bar script and CSS, then the
+    extension's ``style.css`` and ``javascript/`` file (A1111, Forge and reForge add both)."""
+    page.goto(url)
+    page.add_style_tag(path=str(PAGE / "progressbar.css"))
+    page.add_script_tag(path=str(PAGE / "progressbar.js"))
+    page.add_style_tag(path=str(ROOT / "style.css"))
+    page.add_script_tag(path=str(ROOT / "javascript" / "loraclr.js"))
+    try:
+        page.locator("#loraclr_list table.loraclr-list").first.wait_for()
+    except Exception as exc:
+        raise AssertionError("the tab did not render:\n" + "\n".join(page.console_lines)) from exc
+
+
+def box(locator) -> dict:
+    found = locator.bounding_box()
+    assert found is not None, f"{locator} is not rendered"
+    return found
+
+
+def overlap(a: dict, b: dict) -> bool:
+    """Whether two bounding boxes share any area (touching edges do not count)."""
+    return (
+        a["x"] < b["x"] + b["width"] - 0.5
+        and b["x"] < a["x"] + a["width"] - 0.5
+        and a["y"] < b["y"] + b["height"] - 0.5
+        and b["y"] < a["y"] + a["height"] - 0.5
+    )
+
+
+def inside(inner: dict, outer: dict, slack: float = 0.5) -> bool:
+    return (
+        inner["x"] >= outer["x"] - slack
+        and inner["y"] >= outer["y"] - slack
+        and inner["x"] + inner["width"] <= outer["x"] + outer["width"] + slack
+        and inner["y"] + inner["height"] <= outer["y"] + outer["height"] + slack
+    )
+
+
+def page_errors(page) -> list[str]:
+    return [line for line in page.console_lines if line.startswith("pageerror")]
+
+
+def check_progress_bar_has_its_own_place(page) -> None:
+    """The WebUI's bar sits inside #loraclr_progress and covers none of the column's
+    other blocks (the "Output" field, the buttons, the result)."""
+    bar = page.locator(".progressDiv").first
+    bar.wait_for(timeout=30_000)
+    # gradio 3 puts an HTML component's elem_id on its block and on the inner div too
+    area = box(page.locator("#loraclr_progress").first)
+    assert inside(box(bar), area), (box(bar), area)
+    column = page.locator("#loraclr_progress").first.locator("xpath=..")
+    others = column.locator(":scope > *:not(#loraclr_progress)")
+    for i in range(others.count()):
+        other = others.nth(i)
+        if other.is_visible():
+            assert not overlap(box(bar), box(other)), other.evaluate("e => e.outerHTML")[:200]
+    output = page.locator("#loraclr_opt_output")
+    assert not overlap(box(bar), box(output))
 
 
 def test_tab_in_chromium_merges_and_shows_report(webui, served, page):
-    page.goto(served)
-    # The extension's javascript/ file, as a classic script (A1111 adds it to its page).
-    page.add_script_tag(path=str(ROOT / "javascript" / "loraclr.js"))
-    page.locator("#loraclr_list table.loraclr-list").wait_for()
+    open_tab(page, served)
+    count = page.locator("#loraclr_list .loraclr-count")
+    assert count.inner_text() == "5 of 5 LoRAs shown."
+
+    # Before anything is ticked: a hint, no concept row (gradio 4 drew a blank row with
+    # strength 0), and "Send to txt2img" disabled (there is no tag to send).
+    send = page.locator("#loraclr_send_txt2img")
+    assert page.locator("#loraclr_concepts_hint").first.is_visible()
+    rows = table_rows(page.locator("#loraclr_concepts"))
+    assert not any(rows.nth(i).is_visible() for i in range(rows.count()))
+    assert send.is_disabled()
+    shot(page, "_start", full_page=False)
 
     # Tick two LoRAs in the multiselect; the concept rows fill with their triggers.
     # Each row is awaited before the next tick, as a user sees it appear; the merge itself
     # follows the ticks even if a row lags (test_tab.py).
-    rows = table_rows(page.locator("#loraclr_concepts"))
     for name, trigger in (("sks_dog", "sks dog"), ("zwx_cat", "zwx cat")):
         tick(page, "loraclr_select", name)
         rows.get_by_text(trigger).first.wait_for()
     assert rows.count() == 2
+    assert not page.locator("#loraclr_concepts_hint").first.is_visible()
 
     # Edit the first concept prompt in the dataframe.
+    # In the middle of the viewport first: gradio 4.40 scrolls a cell selected at the
+    # viewport's bottom edge into view between the two clicks, and the second then lands
+    # on the next row.
     cell = rows.first.locator("td").nth(1)
+    cell.evaluate("e => e.scrollIntoView({block: 'center'})")
     cell.dblclick()
     editor = cell.locator("input")
     editor.fill("sks dog, brown fur")
     editor.press("Enter")
     rows.get_by_text("sks dog, brown fur").wait_for()
+
+    # Rank: "0 = exact" in the label and the help, and 0 in the field.
+    rank = page.locator("#loraclr_opt_rank")
+    assert "0 = exact" in rank.inner_text() and "empty" not in rank.inner_text()
+    assert rank.locator("input[type=number]").input_value() == "0"
 
     # A tiny merge: 1 step at 64 px, no refinement iterations; quality report on.
     set_number(page, "steps", 1)
@@ -178,27 +282,47 @@ def test_tab_in_chromium_merges_and_shows_report(webui, served, page):
     quality = page.locator("#loraclr_opt_quality input[type=checkbox]")
     quality.check()
 
+    started = time.monotonic()
     page.locator("#loraclr_merge").click()
+    check_progress_bar_has_its_own_place(page)
+    shot(page, "_during")
     result = page.locator("#loraclr_result .loraclr-result, #loraclr_result .loraclr-error").first
     try:
         result.wait_for(timeout=MERGE_TIMEOUT_MS)
     except Exception as exc:
-        shot(page, ARTIFACTS / f"loraclr_tab_gradio{gradio_major()}_failed.png")
+        shot(page, "_failed")
         raise AssertionError("no result; console:\n" + "\n".join(page.console_lines)) from exc
-    shot(page, ARTIFACTS / f"loraclr_tab_gradio{gradio_major()}.png")
+    took = time.monotonic() - started
+    assert not page_errors(page), page.console_lines
+
+    # The list shows the new file without a restart; the bar is gone.
+    expect_text(count, "6 of 6 LoRAs shown.")
+    assert "merged.safetensors" in page.locator("#loraclr_list").first.inner_text()
+    # The same two LoRAs still show ticked once "merged" joined the choices.
+    expect_ticked(page, ["sks_dog", "zwx_cat"])
+    check_fits_or_scrolls(page.locator("#loraclr_list .loraclr-scroll").first)
+    page.locator(".progressDiv").wait_for(state="detached", timeout=10_000)
+    shot(page, "")
+    check_progress_log(page, took)
+
     text = result.inner_text()
     assert "<lora:merged:1>" in text, text
     assert "sks dog, brown fur" in text, text
-    assert result.locator("table.loraclr-report").count() == 1
-    assert result.locator(".loraclr-bar").count() > 0
+    # Stage times in words, not a dict.
+    times = result.locator(".loraclr-times").inner_text()
+    pattern = r"took .+: recording [\d.]+ s · solving [\d.]+ s · quality report"
+    assert re.search(pattern, times), times
+    assert "seconds:" not in text and "collect" not in text
+    check_report_fits(result)
     tag = page.locator("#loraclr_prompt_tag").locator("textarea, input").first
     assert tag.input_value().startswith("<lora:merged:1>, sks dog, brown fur")
     assert (webui["dir"] / "merged.safetensors").is_file()
     assert (webui["dir"] / "merged.json").is_file()
 
-    # "Send to txt2img": the tag is appended to the txt2img prompt, gradio receives the
-    # new value (echoed back by the server), and the txt2img tab is the one shown.
-    page.locator("#loraclr_send_txt2img").click()
+    # "Send to txt2img", now enabled: the tag is appended to the txt2img prompt, gradio
+    # receives the new value (echoed back by the server), and the txt2img tab is shown.
+    expect_enabled(send)
+    send.click()
     sent = f"a photo, {tag.input_value()}"
     page.locator("#tab_txt2img").wait_for(state="visible")
     echo = page.locator("#txt2img_echo").locator("textarea, input").first
@@ -207,5 +331,75 @@ def test_tab_in_chromium_merges_and_shows_report(webui, served, page):
     assert page.locator("#tab_loraclr_merge").is_hidden()
     # No script error on the way (gradio 3 threw one when Send returned a value to an event
     # without outputs).
-    errors = [line for line in page.console_lines if line.startswith("pageerror")]
-    assert not errors, errors
+    assert not page_errors(page), page_errors(page)
+
+
+def check_progress_log(page, took: float) -> None:
+    """What the progress API answered while the merge ran: one bar that never goes back,
+    and an ETA in proportion to the merge (a stage restarting at ~1 % made it days)."""
+    log = page.evaluate("window.loraclrProgressLog")
+    active = [r for r in log if r["active"] and r["progress"] is not None]
+    assert len(active) >= 3, log
+    values = [r["progress"] for r in active]
+    assert values == sorted(values), values
+    assert all(r["textinfo"].startswith("LoRACLR: ") for r in active), active
+    etas = [r["eta"] for r in active if r["progress"] >= 0.05 and r["eta"] is not None]
+    assert etas and max(etas) < 10 * took + 30, (etas, took)
+
+
+def check_fits_or_scrolls(scroller) -> bool:
+    """A table's container either holds it whole or scrolls it (nothing is cut off);
+    returns whether it fits."""
+    fits = scroller.evaluate("e => e.scrollWidth <= e.clientWidth + 1")
+    scrolls = scroller.evaluate("e => ['auto', 'scroll'].includes(getComputedStyle(e).overflowX)")
+    assert fits or scrolls
+    return fits
+
+
+def check_report_fits(result) -> None:
+    """The report table is not clipped: it fits its column or scrolls inside it; every bar
+    stays inside its cell; method names stay on one line."""
+    table = result.locator("table.loraclr-report")
+    scroller = result.locator(".loraclr-scroll:has(table.loraclr-report)")
+    fits = check_fits_or_scrolls(scroller)
+    panel = box(result.locator("xpath=ancestor::*[@id='loraclr_result']").first)
+    assert box(scroller)["x"] + box(scroller)["width"] <= panel["x"] + panel["width"] + 1
+    if not fits:  # what scrolls must be reachable: the last column is in the scroll range
+        assert scroller.evaluate("e => e.scrollWidth - e.clientWidth") > 0
+    headers = table.locator("thead th")
+    assert headers.last.inner_text() == "base moved"
+    cells = table.locator("td")
+    for i in range(cells.count()):
+        cell = cells.nth(i)
+        assert inside(box(cell.locator(".loraclr-bar")), box(cell)), i
+    names = table.locator("tbody th")
+    assert "least squares" in names.all_inner_texts()
+    lines = names.evaluate_all(
+        "cells => cells.map(c => { const r = document.createRange(); r.selectNodeContents(c);"
+        " return new Set([...r.getClientRects()].map(q => Math.round(q.top))).size; })"
+    )
+    assert set(lines) == {1}, lines
+
+
+def expect_text(locator, text: str, timeout_ms: int = 30_000) -> None:
+    from playwright.sync_api import expect
+
+    expect(locator).to_have_text(text, timeout=timeout_ms)
+
+
+def expect_ticked(page, names: list[str]) -> None:
+    """The multiselect shows exactly ``names`` as its tokens (gradio 3.41 and 4.40 both
+    draw a token with the name as text and a remove control)."""
+    from playwright.sync_api import expect
+
+    select = page.locator("#loraclr_select").first
+    for name in names:
+        expect(select.get_by_text(name, exact=True)).to_have_count(1)
+    text = select.inner_text()
+    assert "qpr_castle" not in text and "merged" not in text, text
+
+
+def expect_enabled(locator, timeout_ms: int = 10_000) -> None:
+    from playwright.sync_api import expect
+
+    expect(locator).to_be_enabled(timeout=timeout_ms)

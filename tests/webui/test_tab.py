@@ -269,7 +269,48 @@ def test_interrupt_stops_writes_nothing_restores_host_loras(webui):
     assert networks.loaded_networks == ["other"]
 
 
-def test_interrupt_button_sets_state(webui):
+def test_interrupt_button_stops_only_a_loraclr_merge(webui):
+    """The tab's Interrupt raises the flag while a LoRACLR merge runs (the interrupt test
+    above) and leaves a generation started elsewhere alone."""
     _, h = tab(webui["ctx"])
+    webui["shared"].state.begin(job="task(txt2img)")
     h.interrupt()
-    assert webui["shared"].state.interrupted
+    assert not webui["shared"].state.interrupted
+
+
+def props(blocks, elem_id):
+    return next(
+        c["props"] for c in blocks.config["components"] if c["props"].get("elem_id") == elem_id
+    )
+
+
+def test_first_view_hint_no_blank_row_send_disabled_rank_exact(webui):
+    """Before anything is ticked: the hint (style.css then hides the concept table's
+    default empty row, which gradio 4 drew as a blank row with strength 0; test_browser.py
+    checks it); "Send to txt2img" disabled; the rank field at 0 with "0 = exact" in its
+    label and help."""
+    blocks, h = tab(webui["ctx"])
+    assert "Tick two or more LoRAs" in props(blocks, "loraclr_concepts_hint")["value"]
+    assert props(blocks, "loraclr_send_txt2img")["interactive"] is False
+    rank = props(blocks, "loraclr_opt_rank")
+    assert rank["value"] == 0 and rank["label"] == "Rank (0 = exact)"
+    assert "0 = exact" in rank["info"] and "empty" not in rank["info"]
+    table, hint = h.select_view(["sks_dog"], None)
+    assert table == [["sks_dog", "sks dog", 1.0]] and hint["visible"] is False
+    table, hint = h.select_view([], table)
+    assert table == [] and hint["visible"] is True
+    assert h.send_state("")["interactive"] is False
+    assert h.send_state("<lora:x:1>, sks dog")["interactive"] is True
+
+
+def test_list_after_a_merge_counts_the_new_file(webui):
+    """What the Merge button's chain shows next: the rescanned list with the new file."""
+    _, h = tab(webui["ctx"])
+    assert "5 of 5 LoRAs shown" in h.list_html()
+    run(webui["ctx"], ROWS, output="fresh")
+    html, update = h.refresh("", ["sks_dog", "zwx_cat"])
+    assert "6 of 6 LoRAs shown" in html and "fresh.safetensors" in html
+    assert "fresh" in update["choices"]
+    # the ticked LoRAs are sent back by name with the new choices (gradio 4.40 otherwise
+    # kept the ticks by position: "fresh" sorts first, and two other LoRAs showed ticked)
+    assert update["value"] == ["sks_dog", "zwx_cat"]

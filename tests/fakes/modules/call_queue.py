@@ -16,6 +16,7 @@ from modules import shared
 
 queue_lock = threading.Lock()
 calls: list[str] = []
+finished: list[str] = []
 
 
 def wrap_queued_call(func):
@@ -44,6 +45,7 @@ def wrap_gradio_gpu_call(func, extra_outputs=None):
                 ]
             finally:
                 shared.state.end()
+                finished.append(id_task or "")
         shared.state.interrupted = False
         shared.state.job_count = 0
         res[-1] += (

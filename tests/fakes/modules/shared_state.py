@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 
 class State:
     def __init__(self) -> None:
@@ -14,11 +16,13 @@ class State:
         self.interrupted = False
         self.skipped = False
         self.begun = 0
+        self.time_start = None
 
     def begin(self, job: str = "(unknown)") -> None:
         self.job, self.job_no, self.job_count = job, 0, -1
         self.sampling_step, self.sampling_steps, self.textinfo = 0, 0, None
         self.interrupted = self.skipped = False
+        self.time_start = time.time()
         self.begun += 1
 
     def end(self) -> None:
