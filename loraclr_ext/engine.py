@@ -130,10 +130,15 @@ def merge(
         return run_merge(plan, host, progress)
     except torch.OutOfMemoryError as exc:
         raise OutOfMemoryMergeError(
-            f"Out of {host.device.type.upper()} memory during the merge (size {options.size}, "
+            f"Out of {_memory_kind(host.device)} memory during the merge (size {options.size}, "
             f"steps {options.steps}). Lower the image size, set a target rank, or turn off the "
             "quality report, then try again. Nothing was written."
         ) from exc
+
+
+def _memory_kind(device: torch.device) -> str:
+    """What ran out, in the user's words: an accelerator's memory is "GPU" memory."""
+    return "CPU" if device.type == "cpu" else "GPU"
 
 
 def run_merge(
