@@ -112,3 +112,17 @@ def test_fp32_solve_survives_singular_statistics(no_float64):
     settings = SolverSettings(ridge=0.0, reg=0.0, margin=0.0)
     solution = solve_layer(stats, ups, w0, settings)
     assert torch.isfinite(solution.dense()).all()
+
+
+def test_weight_fingerprint_makes_no_float64_on_such_a_device(no_float64):
+    from loraclr_ext.hosts.weights import weights_fingerprint
+
+    module = torch.nn.Linear(8, 4)
+    guard = Float64Guard()
+    with guard:
+        first = weights_fingerprint(module)
+    assert guard.seen == []
+    assert weights_fingerprint(module) == first
+    with torch.no_grad():
+        module.weight[0, 0] += 1.0
+    assert weights_fingerprint(module) != first

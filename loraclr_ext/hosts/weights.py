@@ -8,14 +8,17 @@ from collections.abc import Sequence
 
 import torch
 
+from loraclr_ext.solver.precision import solve_dtype
+
 
 def _tensor_stats(t: torch.Tensor) -> torch.Tensor:
-    """Sum, absolute sum and 16 evenly spaced elements of ``t``, as fp64 ``[18]``."""
+    """Sum, absolute sum and 16 evenly spaced elements of ``t``, as fp64 ``[18]`` (fp32 on
+    a device without fp64, such as Apple MPS)."""
     flat = t.detach().reshape(-1)
-    wide = flat.to(torch.float64)
+    wide = flat.to(solve_dtype(flat.device))  # fp64 where the device has it (not on MPS)
     # Integer arithmetic: a float32 linspace rounds indices past 2**24 out of range.
     idx = torch.arange(16, device=flat.device) * max(flat.numel() - 1, 0) // 15
-    samples = wide[idx] if flat.numel() else torch.zeros(16, dtype=torch.float64)
+    samples = wide[idx] if flat.numel() else torch.zeros(16, dtype=wide.dtype)
     return torch.cat([torch.stack([wide.sum(), wide.abs().sum()]), samples.to(wide.device)])
 
 

@@ -98,10 +98,10 @@ def new_stats(
 
 def down_span(downs: list[torch.Tensor]) -> torch.Tensor:
     """Orthonormal rows ``[k, in]`` spanning every concept's down factor (k ≤ Σ r_i)."""
-    stacked = torch.cat([d.double() for d in downs])  # [R, in]
+    stacked = torch.cat([d.detach().cpu().double() for d in downs])  # [R, in], fp64 on the CPU
     _, s, vh = torch.linalg.svd(stacked, full_matrices=False)
     keep = s > 1e-7 * float(s.max()) if s.numel() else s > 0
-    return vh[keep].float()
+    return vh[keep].float().to(downs[0].device)
 
 
 def collect(

@@ -349,15 +349,15 @@ class PatcherHost:
         """
         sigmas, alphas = self._schedule()
         sigma = float(sigmas[timestep])
-        x = (x_t.double().cpu() / math.sqrt(float(alphas[timestep]))).float().to(self.device)
+        x = (x_t.cpu().double() / math.sqrt(float(alphas[timestep]))).float().to(self.device)
         batch = x.shape[0]
         context = cond.context.to(self.device, self.dtype)
         kwargs: dict[str, Any] = {"c_crossattn": context, "transformer_options": {}}
         if self.architecture is Architecture.SDXL:
             kwargs["y"] = self._adm_vector(cond, size).to(self.device, self.dtype)
         sig = sigmas[timestep].reshape(1).expand(batch).to(self.device)
-        denoised = self._apply_model(x, sig, **kwargs).double().cpu()
-        xk = x.double().cpu()
+        denoised = self._apply_model(x, sig, **kwargs).cpu().double()  # fp64 on the CPU only
+        xk = x.cpu().double()
         if self._v_prediction():
             return ((xk / (sigma**2 + 1) - denoised) * math.sqrt(sigma**2 + 1) / sigma).float()
         return ((xk - denoised) / sigma).float()
@@ -500,8 +500,9 @@ class ForgeHost(PatcherHost):
         predictor = self.unet_patcher.model.predictor
         sigmas = getattr(predictor, "sigmas", None)
         if sigmas is None:
-            alphas = predictor.alphas_cumprod.double()
-            sigmas = ((1 - alphas) / alphas).sqrt().float()
+            stored = predictor.alphas_cumprod.detach()
+            alphas = stored.cpu().double()  # fp64 on the CPU: MPS has none
+            sigmas = ((1 - alphas) / alphas).sqrt().float().to(stored.device)
         return sigmas
 
     def _v_prediction(self) -> bool:
