@@ -273,10 +273,11 @@ def _precision_row(
     shape: tuple[str, int, int],
     n: int,
     device: torch.device,
+    subspace: str,
 ) -> list[str]:
     label, fan_in, fan_out = shape
     layer = synth_layer(fan_in, fan_out, n, prompts=PRECISION_PROMPTS, seed=fan_in + fan_out + n)
-    basis = down_span(layer.downs).to(device)
+    basis = down_span(layer.downs).to(device) if subspace == "lora" else None
     stats = LayerStats(layer.downs, basis=basis, device=device)
     for i, x in enumerate(layer.features):
         for chunk in x.to(device).split(BATCH_ROWS):
@@ -297,6 +298,7 @@ def _precision_row(
     t32, v32, e32, d32, i32 = found[torch.float32]
     return [
         objective,
+        subspace,
         f"{label} {fan_in}→{fan_out}",
         str(n),
         f"{t64 * 1e3:.0f}",
@@ -314,9 +316,14 @@ def precision_table(device: torch.device, shapes: list[tuple[str, int, int]]) ->
     """The layer solve in fp32 against fp64 on identical fp32 statistics, for the released
     code's objective and the one a merge solves: CPU time, the objective on the features
     relative to the fp64 solution's, the attract error on all rows, and ‖Δ32 − Δ64‖/‖Δ64‖."""
+    cases = [
+        ("official", OFFICIAL_DEFAULTS, "lora"),
+        ("engine", ENGINE_SETTINGS, "lora"),
+        ("engine", ENGINE_SETTINGS, "full"),  # every input direction: d×d Grams, d = fan-in
+    ]
     rows = [
-        _precision_row(objective, settings, shape, n, device)
-        for objective, settings in (("official", OFFICIAL_DEFAULTS), ("engine", ENGINE_SETTINGS))
+        _precision_row(objective, settings, shape, n, device, subspace)
+        for objective, settings, subspace in cases
         for shape in shapes
         for n in CONCEPTS
     ]
@@ -327,6 +334,7 @@ def precision_table(device: torch.device, shapes: list[tuple[str, int, int]]) ->
     print_table(
         [
             "objective",
+            "subspace",
             "layer",
             "n",
             "fp64 CPU ms",
