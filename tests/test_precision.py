@@ -74,6 +74,7 @@ def test_float64_device_solves_in_float64():
     assert problem.G.dtype == problem.U.dtype == problem.repel.coords.dtype == torch.float64
 
 
+@pytest.mark.slow  # the guard runs every op through Python: ~10 s
 def test_no_float64_device_never_makes_a_float64_tensor(no_float64):
     w0, ups, _, _, stats = layer()
     guard = Float64Guard()  # sees every op, the refinement's backward passes included
@@ -85,7 +86,9 @@ def test_no_float64_device_never_makes_a_float64_tensor(no_float64):
 
 
 @pytest.mark.parametrize(
-    "settings", [ENGINE, OFFICIAL_DEFAULTS, LS, HINGE], ids=["engine", "official", "lsq", "hinge"]
+    "settings",
+    [ENGINE, OFFICIAL_DEFAULTS, LS, pytest.param(HINGE, marks=pytest.mark.slow)],
+    ids=["engine", "official", "lsq", "hinge"],
 )
 def test_fp32_solve_matches_the_fp64_solution(settings, monkeypatch):
     w0, ups, downs, feats, stats = layer()
