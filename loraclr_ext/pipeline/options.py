@@ -19,7 +19,7 @@ Precision = Literal["fp16", "bf16", "fp32"]
 MIN_SIZE = 64
 AUTO_RECORDING = {"cuda": (12, 512), "mps": (12, 512), "cpu": (4, 256)}
 """``(steps, size)`` of the recording run when left on auto, per device type. On a CPU the
-recording run is nearly all of a merge's time; 4 steps at 256 px (about 1/9 of the UNet work
+recording run is most of a merge's time; 4 steps at 256 px (1/12 of the UNet work
 of 12 at 512) keep a two-LoRA SD 1.5 merge to minutes (bench/README.md). Apple MPS keeps
 the GPU values (not measured here); unknown accelerators get them too."""
 Subspace = Literal["lora", "full"]
