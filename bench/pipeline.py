@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -84,26 +85,33 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--concepts", type=int, default=12)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=None, help="default: 12 on a GPU, 4 on a CPU")
     parser.add_argument(
-        "--size", type=int, default=None, help="default: 512 on a GPU, 256 on a CPU"
+        "--steps", type=int, default=None, help="default: the merge's auto value for the device"
+    )
+    parser.add_argument(
+        "--size", type=int, default=None, help="default: the merge's auto value for the device"
     )
     parser.add_argument(
         "--dtype", default=None, choices=["fp16", "fp32"], help="default: fp16 on a GPU"
     )
+    parser.add_argument(
+        "--quality",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the quality report as a default merge does (its share is printed)",
+    )
     args = parser.parse_args()
 
-    from loraclr_ext.cli import TqdmProgress, _quiet_libraries
+    from loraclr_ext.cli import _quiet_libraries
     from loraclr_ext.engine import run_merge
     from loraclr_ext.hosts.standalone import StandaloneHost
     from loraclr_ext.pipeline.options import ConceptSpec, MergeOptions
     from loraclr_ext.pipeline.plan import plan_merge
+    from loraclr_ext.report.quality import report_size, report_work
 
     _quiet_libraries()
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
-    steps = args.steps or (12 if cuda else 4)
-    size = args.size or (512 if cuda else 256)
     dtype = (
         torch.float16 if (args.dtype or ("fp16" if cuda else "fp32")) == "fp16" else torch.float32
     )
@@ -116,14 +124,23 @@ def main() -> None:
         host = StandaloneHost.from_pipeline(pipe, device, architecture=Architecture.SD1)
         setup = time.perf_counter() - t0
         specs = [ConceptSpec(p, f"tok{i} person") for i, p in enumerate(loras)]
-        options = MergeOptions(steps=steps, size=size, quality=False)
+        options = MergeOptions(steps=args.steps, size=args.size, quality=args.quality)
+        load_before = os.getloadavg()[0]
+        cpu_before = time.process_time()
+
+        plans = []
+        progress = CpuClock()
 
         def merge():
             plan = plan_merge(specs, options, Architecture.SD1, folder / "merged.safetensors")
-            return run_merge(plan, host, TqdmProgress())
+            plans.append(plan)
+            return run_merge(plan, host, progress)
 
         measured = measure(merge, device)
         result = measured.result
+        cpu_seconds = time.process_time() - cpu_before
+        progress.close()
+        steps, size = result.options.steps, result.options.size
 
     unet_params = sum(p.numel() for p in pipe.unet.parameters())
     print(
@@ -135,12 +152,23 @@ def main() -> None:
     print(
         f"concepts: {args.concepts} LoRAs × rank {args.rank} on 72 text + 192 UNet attention modules"
     )
-    print(f"recording run: {steps} steps at {size}px, batch 2, per concept\n")
+    print(
+        f"recording run: {steps} steps at {size}px, batch 2, per concept ({result.recording_summary()})"
+    )
+    if result.report is not None:
+        print(
+            f"quality report: UNet at {report_size(size)}px, {report_work(plans[0])} image evaluations"
+        )
+    print(
+        f"machine load: 1-min load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
+        f"this process used {cpu_seconds:.0f} CPU s in {measured.seconds:.0f} s\n"
+    )
     rows = [
         [
             f"{args.concepts}",
             f"{result.seconds.get('collect', 0):.1f}",
             f"{result.seconds.get('solve', 0):.1f}",
+            f"{result.seconds.get('report', 0):.1f}",
             f"{result.seconds.get('write', 0):.1f}",
             f"{measured.seconds:.1f}",
             f"{measured.peak_mib:.0f}",
@@ -152,12 +180,27 @@ def main() -> None:
             "concepts",
             "collect s",
             "solve s",
+            "report s",
             "write s",
             "total s",
             "peak MiB beyond model",
             "max rank",
         ],
         rows,
+    )
+    if result.report is not None:
+        share = result.seconds.get("report", 0) / max(sum(result.seconds.values()), 1e-9)
+        print(f"\nquality report: {share:.0%} of the merge's time (bar: ≤ 25 %)")
+    stages = progress.cpu
+    total_cpu = sum(stages.values())
+    print(
+        "CPU seconds per stage (immune to the machine's other load): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in stages.items())
+        + (
+            f"; report share {stages.get('Measuring quality', 0) / total_cpu:.0%}"
+            if total_cpu
+            else ""
+        )
     )
     active = [layer for layer in result.layers if layer.repel_active]
     iterations = sum(layer.iterations for layer in active)
@@ -167,6 +210,41 @@ def main() -> None:
     print(
         f"\nfeature memory if every feature were kept (released code's approach): {_kept_features_mib(result, args.concepts, steps, size):.0f} MiB"
     )
+
+
+class CpuClock:
+    """Progress that also books this process's CPU seconds to each stage (the solve's
+    stage runs to the report's start, the report's to the end of the merge)."""
+
+    def __init__(self) -> None:
+        from loraclr_ext.cli import TqdmProgress
+
+        self.bar = TqdmProgress()
+        self.cpu: dict[str, float] = {}
+        self.current: str | None = None
+        self.mark = time.process_time()
+
+    def _book(self) -> None:
+        now = time.process_time()
+        if self.current is not None:
+            self.cpu[self.current] = self.cpu.get(self.current, 0.0) + now - self.mark
+        self.mark = now
+
+    def stage(self, text: str, total: int) -> None:
+        self._book()
+        self.current = text
+        self.bar.stage(text, total)
+
+    def advance(self, steps: int = 1) -> None:
+        self.bar.advance(steps)
+
+    def interrupted(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self._book()
+        self.current = None
+        self.bar.close()
 
 
 def _kept_features_mib(result, concepts: int, steps: int, size: int) -> float:

@@ -202,6 +202,8 @@ def _check_base(base: Path) -> None:
 def _print_result(result: MergeResult, report_path: Path | None) -> None:
     print(f"wrote {result.path}  (use: {result.prompt_tag})")
     print(f"{result.rank_summary()}; seconds {result.seconds}")
+    if result.options is not None:
+        print(result.recording_summary())
     for name, summary in result.unmatched.items():
         print(f"note: {name}: not merged: {summary}")
     if result.skipped:
@@ -214,6 +216,9 @@ def _print_result(result: MergeResult, report_path: Path | None) -> None:
         payload = {
             "file": str(result.path),
             "seconds": result.seconds,
+            "options": result.options.to_dict() if result.options else None,
+            "auto": result.auto,
+            "device": result.device,
             "report": result.report.to_dict(),
         }
         path.write_text(json.dumps(payload, indent=2))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -49,7 +49,11 @@ class LayerSummary:
 
 @dataclass
 class MergeResult:
-    """What a merge produced. ``path`` is ``None`` when nothing was written (dry run)."""
+    """What a merge produced. ``path`` is ``None`` when nothing was written (dry run).
+
+    ``options`` are the options the merge ran with, ``steps`` and ``size`` resolved for the
+    device; ``auto`` names those that were left on auto (see :meth:`recording_summary`).
+    """
 
     path: Path | None
     factors: dict[ModuleRef, ModuleDelta]
@@ -60,6 +64,18 @@ class MergeResult:
     skipped: list[str] = field(default_factory=list)
     unmatched: dict[str, str] = field(default_factory=dict)
     """File name → what of it was not merged, by kind (side parts, …)."""
+    options: MergeOptions | None = None
+    auto: list[str] = field(default_factory=list)
+    device: str = ""
+
+    def recording_summary(self) -> str:
+        """The recording run's steps and size, and which the device chose, in one line."""
+        if self.options is None:
+            return ""
+        text = f"recorded {self.options.steps} steps at {self.options.size} px"
+        if self.auto:
+            text += f" ({' and '.join(self.auto)} auto for {self.device or 'this device'})"
+        return text
 
     def rank_summary(self) -> str:
         """Ranks written, and what a target rank kept (worst layer), in one line."""
@@ -126,12 +142,13 @@ def merge(
         plan = plan_merge(
             list(specs), options, host.architecture, output, check_shapes=check_shapes
         )
+    ran = options.resolved(host.device)
     try:
         return run_merge(plan, host, progress)
     except torch.OutOfMemoryError as exc:
         raise OutOfMemoryMergeError(
-            f"Out of {_memory_kind(host.device)} memory during the merge (size {options.size}, "
-            f"steps {options.steps}). Lower the image size, set a target rank, or turn off the "
+            f"Out of {_memory_kind(host.device)} memory during the merge (size {ran.size}, "
+            f"steps {ran.steps}). Lower the image size, set a target rank, or turn off the "
             "quality report, then try again. Nothing was written."
         ) from exc
 
@@ -144,8 +161,13 @@ def _memory_kind(device: torch.device) -> str:
 def run_merge(
     plan: MergePlan, host: Host, progress: Progress | None = None, *, write: bool = True
 ) -> MergeResult:
-    """Merge ``plan``'s concepts on ``host``'s loaded model and (optionally) write the file."""
+    """Merge ``plan``'s concepts on ``host``'s loaded model and (optionally) write the file.
+
+    Options left on auto (``steps``, ``size``) are resolved for ``host.device`` first.
+    """
     progress = progress or SilentProgress()
+    auto = plan.options.auto
+    plan = replace(plan, options=plan.options.resolved(host.device))
     clock = {"start": time.perf_counter()}
     with torch.no_grad(), host.clean_weights():
         modules, skipped = _target_modules(plan, host)
@@ -176,6 +198,9 @@ def run_merge(
         unmatched={
             c.lora.path.name: "; ".join(c.lora.notes) for c in plan.concepts if c.lora.notes
         },
+        options=plan.options,
+        auto=auto,
+        device=host.device.type,
     )
 
 

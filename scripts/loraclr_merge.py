@@ -42,15 +42,16 @@ def on_ui_settings() -> None:
 
     defaults = {
         "loraclr_default_rank": 0,
-        "loraclr_default_steps": option_default("steps"),
-        "loraclr_default_size": option_default("size"),
+        "loraclr_default_steps": option_default("steps") or 0,
+        "loraclr_default_size": option_default("size") or 0,
         "loraclr_default_precision": option_default("precision"),
         "loraclr_output_subfolder": "",
     }
     components = {
         "loraclr_default_precision": (gr.Radio, {"choices": ["fp16", "bf16", "fp32"]}),
-        "loraclr_default_steps": (gr.Slider, {"minimum": 1, "maximum": 100, "step": 1}),
-        "loraclr_default_size": (gr.Slider, {"minimum": 64, "maximum": 2048, "step": 8}),
+        # 0 = auto: chosen for the device at merge time (GPU 12 steps at 512 px, CPU fewer)
+        "loraclr_default_steps": (gr.Slider, {"minimum": 0, "maximum": 100, "step": 1}),
+        "loraclr_default_size": (gr.Slider, {"minimum": 0, "maximum": 2048, "step": 8}),
         "loraclr_default_rank": (gr.Number, {"precision": 0, "minimum": 0}),
     }
     for key, (_, label) in SETTINGS.items():

@@ -45,6 +45,20 @@ def test_merge_writes_lora_sidecar_and_report(sd1_demo, tmp_path, capsys):
     assert "<lora:duo:1>, sks dog, zwx cat" in stdout
 
 
+def test_auto_recording_values_are_shown_and_reported(sd1_demo, tmp_path, capsys, monkeypatch):
+    from loraclr_ext.pipeline import options
+
+    monkeypatch.setitem(options.AUTO_RECORDING, "cpu", (2, 64))  # tiny model: tiny run
+    out = tmp_path / "auto.safetensors"
+    args = [a for a in merge_args(sd1_demo, out) if a not in ("--steps", "2", "--size", "64")]
+    code, stdout, err = run(capsys, *args, "--report", tmp_path / "r.json")
+    assert code == 0, err
+    assert "recorded 2 steps at 64 px (steps and size auto for cpu)" in stdout
+    payload = json.loads((tmp_path / "r.json").read_text())
+    assert (payload["options"]["steps"], payload["options"]["size"]) == (2, 64)
+    assert payload["auto"] == ["steps", "size"] and payload["device"] == "cpu"
+
+
 def test_inspect_describes_a_lora(sd1_demo, capsys):
     code, out, _ = run(capsys, "inspect", sd1_demo["loras"][0], "--json")
     info = json.loads(out)

@@ -50,7 +50,7 @@ def ddim_sample(
     for i, t in enumerate(timesteps):
         a = float(alphas[t])
         a_prev = float(alphas[timesteps[i + 1]]) if i + 1 < steps else 1.0
-        out = predict(x.float(), t).detach().double().cpu()
+        out = predict(x.float(), t).detach().cpu().double()  # no fp64 on MPS
         eps = a**0.5 * out + (1 - a) ** 0.5 * x if v_prediction else out
         x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
         x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
+from loraclr_ext.solver.precision import solve_dtype
+
 
 def readable(t: torch.Tensor) -> torch.Tensor:
     """``t``'s data as a plain detached tensor that reshapes, views and converts in any
@@ -46,16 +48,11 @@ def write_into(target: torch.Tensor, values: torch.Tensor) -> None:
         readable(target).copy_(values)
 
 
-def _wide_dtype(device: torch.device) -> torch.dtype:
-    """fp64 for the sums where the device has it (MPS does not)."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
 def _tensor_stats(t: torch.Tensor) -> torch.Tensor:
     """Sum, absolute sum and 16 evenly spaced elements of ``t``, as CPU fp64 ``[18]``."""
     with torch.inference_mode(False), torch.no_grad():
         flat = readable(t).reshape(-1)
-        wide = flat.to(_wide_dtype(flat.device))
+        wide = flat.to(solve_dtype(flat.device))  # fp64 where the device has it (not MPS)
         # Integer arithmetic: a float32 linspace rounds indices past 2**24 out of range.
         idx = torch.arange(16, device=flat.device) * max(flat.numel() - 1, 0) // 15
         samples = wide[idx] if flat.numel() else torch.zeros(16, dtype=wide.dtype)

@@ -66,6 +66,15 @@ def token_roles(host: Host, prompts: list[str], triggers: set[int]) -> TokenRole
     return TokenRoles(trigger, content)
 
 
+def recording_pixels(plan: MergePlan) -> int:
+    """UNet work of the recording run, in image pixels evaluated: every concept (and the
+    neutral prompts when preservation is on) runs ``steps`` denoising steps on
+    ``SPATIAL_PROMPTS`` images of ``size``² (the text stage is small beside it)."""
+    options = plan.options
+    runs = len(plan.concepts) + (1 if options.preserve > 0 else 0)
+    return runs * (options.steps or 0) * SPATIAL_PROMPTS * (options.size or 0) ** 2
+
+
 def fit_prompts(prompt: str) -> list[str]:
     return [template.format(prompt) for template in TEMPLATES]
 
@@ -89,10 +98,10 @@ def new_stats(
 
 def down_span(downs: list[torch.Tensor]) -> torch.Tensor:
     """Orthonormal rows ``[k, in]`` spanning every concept's down factor (k ≤ Σ r_i)."""
-    stacked = torch.cat([d.double() for d in downs])  # [R, in]
+    stacked = torch.cat([d.detach().cpu().double() for d in downs])  # [R, in], fp64 on the CPU
     _, s, vh = torch.linalg.svd(stacked, full_matrices=False)
     keep = s > 1e-7 * float(s.max()) if s.numel() else s > 0
-    return vh[keep].float()
+    return vh[keep].float().to(downs[0].device)
 
 
 def collect(

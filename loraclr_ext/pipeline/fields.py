@@ -29,6 +29,8 @@ class FieldSpec:
     maximum: float | None = None
     choices: tuple[str, ...] = ()
     optional: bool = False
+    zero: str | None = None
+    """What 0 (or empty) means for an optional number: ``"exact"`` rank, ``"auto"`` steps."""
 
     @property
     def advanced(self) -> bool:
@@ -37,7 +39,7 @@ class FieldSpec:
     @property
     def label(self) -> str:
         title = self.name.replace("_", " ").capitalize()
-        return f"{title} (0 = exact)" if self.name == "rank" else title
+        return f"{title} (0 = {self.zero})" if self.zero else title
 
     def json_schema(self) -> dict[str, Any]:
         kind = {"text": "string", "bool": "boolean", "int": "integer", "float": "number"}
@@ -80,6 +82,7 @@ def option_fields() -> list[FieldSpec]:
                 maximum=f.metadata.get("maximum"),
                 choices=choices,
                 optional=optional,
+                zero=f.metadata.get("zero"),
             )
         )
     order = {name: i for i, name in enumerate(MAIN)}

@@ -6,14 +6,22 @@ and the API schema can all be derived from this class and cannot drift apart.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
+
+import torch
 
 from loraclr_ext.errors import InvalidInputError
 from loraclr_ext.solver import SolverSettings
 
 Precision = Literal["fp16", "bf16", "fp32"]
+MIN_SIZE = 64
+AUTO_RECORDING = {"cuda": (12, 512), "mps": (12, 512), "cpu": (4, 256)}
+"""``(steps, size)`` of the recording run when left on auto, per device type. On a CPU the
+recording run is most of a merge's time; 4 steps at 256 px (1/12 of the UNet work
+of 12 at 512) keep a two-LoRA SD 1.5 merge to minutes (bench/README.md). Apple MPS keeps
+the GPU values (not measured here); unknown accelerators get them too."""
 Subspace = Literal["lora", "full"]
 TEMPLATES = (
     "{}",
@@ -29,6 +37,12 @@ NEUTRAL_PROMPTS = ("a photo of a landscape", "a bowl of fruit on a table", "a ci
 """Prompts without any concept, for base preservation."""
 
 
+def auto_recording(device: torch.device | str) -> tuple[int, int]:
+    """``(steps, size)`` of the recording run chosen for ``device`` (see ``AUTO_RECORDING``)."""
+    kind = torch.device(device).type
+    return AUTO_RECORDING.get(kind, AUTO_RECORDING["cuda"])
+
+
 def _opt(default: Any, help: str, **bounds: Any) -> Any:
     return field(default=default, metadata={"help": help, **bounds})
 
@@ -39,21 +53,31 @@ class MergeOptions:
 
     output: str = _opt("merged", "Output LoRA name (file stem in the Lora folder)")
     rank: int | None = _opt(
-        None, "Target rank; 0 = exact, the default (≤ sum of the inputs' ranks)", minimum=0
+        None,
+        "Target rank; 0 = exact, the default (≤ sum of the inputs' ranks)",
+        minimum=0,
+        zero="exact",
     )
     text_encoder: bool = _opt(True, "Merge text-encoder layers")
     cross_attention: bool = _opt(True, "Merge cross-attention K/V layers")
     unet_other: bool = _opt(
         True, "Merge the other UNet layers (attention, feed-forward, LoCon convs)"
     )
-    steps: int = _opt(
-        12, "Denoising steps recorded per concept for the UNet layers", minimum=1, maximum=100
+    steps: int | None = _opt(
+        None,
+        "Denoising steps recorded per concept for the UNet layers; 0 or empty = auto "
+        f"({AUTO_RECORDING['cuda'][0]} on a GPU, {AUTO_RECORDING['cpu'][0]} on a CPU)",
+        minimum=0,
+        maximum=100,
+        zero="auto",
     )
-    size: int = _opt(
-        512,
-        "Image size (px) of the recording run; lower it to save memory",
-        minimum=64,
+    size: int | None = _opt(
+        None,
+        "Image size (px) of the recording run, lower it to save memory; 0 or empty = auto "
+        f"({AUTO_RECORDING['cuda'][1]} on a GPU, {AUTO_RECORDING['cpu'][1]} on a CPU)",
+        minimum=0,
         maximum=2048,
+        zero="auto",
     )
     seed: int = _opt(0, "Seed of the recording run and of the token samples")
     margin: float = _opt(
@@ -92,8 +116,9 @@ class MergeOptions:
     )
 
     def __post_init__(self) -> None:
-        if self.rank == 0:  # the tab's number field and the CLI spell "exact" as 0
-            object.__setattr__(self, "rank", None)
+        for name in ("rank", "steps", "size"):  # number fields spell "exact"/"auto" as 0
+            if getattr(self, name) == 0:
+                object.__setattr__(self, name, None)
         for f in fields(self):
             value = getattr(self, f.name)
             low, high = f.metadata.get("minimum"), f.metadata.get("maximum")
@@ -113,8 +138,24 @@ class MergeOptions:
             raise InvalidInputError(
                 "Select at least one part to merge (text encoder, cross-attention, UNet)."
             )
-        if self.size % 8:
-            raise InvalidInputError(f"size must be a multiple of 8, got {self.size}.")
+        if self.size is not None and (self.size < MIN_SIZE or self.size % 8):
+            raise InvalidInputError(
+                f"size must be a multiple of 8 from {MIN_SIZE} (or 0 = auto), got {self.size}."
+            )
+
+    @property
+    def auto(self) -> list[str]:
+        """The options left for the device to decide (``steps``, ``size``)."""
+        return [name for name in ("steps", "size") if getattr(self, name) is None]
+
+    def resolved(self, device: torch.device | str) -> MergeOptions:
+        """These options with ``steps`` and ``size`` left on auto chosen for ``device``."""
+        steps, size = auto_recording(device)
+        return replace(
+            self,
+            steps=steps if self.steps is None else self.steps,
+            size=size if self.size is None else self.size,
+        )
 
     def solver_settings(self) -> SolverSettings:
         """The per-layer solver settings these options imply."""

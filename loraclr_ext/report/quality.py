@@ -25,6 +25,43 @@ REPORT_TIMESTEP = 600
 """Training timestep (of 1000) of the UNet comparison: mid-noise, where identity forms."""
 REPORT_SIZE = 256
 """Largest image size (px) of the report's UNet evaluation."""
+HELD_OUT_PER_CONCEPT = 1
+"""Held-out prompts per concept (the first of ``HELD_OUT_TEMPLATES``)."""
+NEUTRAL_COUNT = 2
+"""Neutral prompts for base preservation (the first of ``NEUTRAL_PROMPTS``)."""
+REPORT_BATCH = 8
+"""Most prompts per UNet call of the report."""
+
+
+def report_size(recording_size: int) -> int:
+    """Image size of the report: half the recording run's (a multiple of 64, at least 128,
+    at most ``REPORT_SIZE``) and never above it. Every method is scored on the same latents,
+    so the comparison needs no more detail than that; the UNet costs ~4× less per halving."""
+    half = recording_size // 2 // 64 * 64
+    return min(recording_size, REPORT_SIZE, max(128, half))
+
+
+def report_prompts(plan: MergePlan) -> tuple[list[str], int]:
+    """Every prompt the report runs, in one list: ``HELD_OUT_PER_CONCEPT`` held-out prompts
+    per concept (in concept order), then the neutral prompts; and the neutral ones' start."""
+    held_out = [
+        t.format(c.prompt) for c in plan.concepts for t in HELD_OUT_TEMPLATES[:HELD_OUT_PER_CONCEPT]
+    ]
+    return [*held_out, *NEUTRAL_PROMPTS[:NEUTRAL_COUNT]], len(held_out)
+
+
+def report_work(plan: MergePlan, methods: int = 4) -> int:
+    """UNet image evaluations of the report at :func:`report_size`: every configuration
+    (base, each concept alone, each method) runs once on every report prompt."""
+    prompts, _ = report_prompts(plan)
+    return (1 + len(plan.concepts) + methods) * len(prompts)
+
+
+def report_pixels(plan: MergePlan, methods: int = 4) -> int:
+    """The report's UNet work in image pixels evaluated, comparable with
+    :func:`loraclr_ext.pipeline.collect.recording_pixels` (for progress and ETA weights)."""
+    return report_work(plan, methods) * report_size(plan.options.size) ** 2
+
 
 Deltas = Mapping[ModuleRef, ModuleDelta]
 
@@ -134,14 +171,20 @@ def _run(
     prompts: list[str],
     latents: torch.Tensor,
 ) -> _Outputs:
+    """One configuration on ``prompts``: conditioning and UNet output, in batches."""
     text = {r: d for r, d in deltas.items() if r.is_text}
     unet = {r: d for r, d in deltas.items() if not r.is_text}
+    contexts, eps = [], []
     with torch.no_grad():
-        with applied(modules, text):
-            cond = host.encode(prompts)
-        with applied(modules, unet):
-            eps = host.predict_noise(latents, REPORT_TIMESTEP, cond)
-    return _Outputs(Conditioning(cond.context.float().cpu(), None), eps.float().cpu())
+        for start in range(0, len(prompts), REPORT_BATCH):
+            chunk = prompts[start : start + REPORT_BATCH]
+            with applied(modules, text):
+                cond = host.encode(chunk)
+            with applied(modules, unet):
+                out = host.predict_noise(latents[start : start + len(chunk)], REPORT_TIMESTEP, cond)
+            contexts.append(cond.context.float().cpu())
+            eps.append(out.float().cpu())
+    return _Outputs(Conditioning(torch.cat(contexts), None), torch.cat(eps))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor, ref: torch.Tensor) -> float:
@@ -157,7 +200,12 @@ def evaluate(
     least_squares: Deltas,
     progress: Progress,
 ) -> QualityReport:
-    """Score the merge and the baselines on held-out prompts (see module docstring)."""
+    """Score the merge and the baselines on held-out and neutral prompts.
+
+    Each configuration — the base model, every concept's LoRA alone, every method — runs
+    once over all report prompts (batched), so the stage costs :func:`report_work` UNet
+    evaluations at :func:`report_size`, one progress step per configuration.
+    """
     methods: dict[str, Deltas] = {"loraclr": merged}
     if least_squares:
         methods["least squares"] = least_squares
@@ -165,62 +213,67 @@ def evaluate(
     concepts = plan.concepts
     n = len(concepts)
     triggers = trigger_ids(host, concepts)
-    size = min(plan.options.size, REPORT_SIZE)
+    size = report_size(plan.options.size)
+    prompts, neutral_start = report_prompts(plan)
     gen = torch.Generator().manual_seed(plan.options.seed + 1)
-    progress.stage("Measuring quality", n + 1)
+    latents = torch.randn(len(prompts), 4, size // 8, size // 8, generator=gen)
+    latents = latents.to(host.device, host.dtype)
+    progress.stage("Measuring quality", 1 + n + len(methods))
+
+    def run(deltas: Deltas) -> _Outputs:
+        check_interrupt(progress)
+        out = _run(host, modules, deltas, prompts, latents)
+        progress.advance()
+        return out
+
+    base = run({})
+    owns = [run(c.deltas) for c in concepts]
+    outputs = {name: run(deltas) for name, deltas in methods.items()}
+
+    per = HELD_OUT_PER_CONCEPT
     scores: dict[str, list[ConceptScore]] = {m: [] for m in methods}
     for i, concept in enumerate(concepts):
-        check_interrupt(progress)
-        prompts = [t.format(concept.prompt) for t in HELD_OUT_TEMPLATES]
-        latents = torch.randn(len(prompts), 4, size // 8, size // 8, generator=gen)
-        latents = latents.to(host.device, host.dtype)
-        trig = token_roles(host, prompts, triggers[i]).trigger
-        base = _run(host, modules, {}, prompts, latents)
-        owns = [_run(host, modules, c.deltas, prompts, latents) for c in concepts]
+        rows = slice(i * per, (i + 1) * per)
+        trig = token_roles(host, prompts[rows], triggers[i]).trigger
         own = owns[i]
-        bleed = sum(owns[j].eps - base.eps for j in range(n) if j != i)
-        for name, deltas in methods.items():
-            out = _run(host, modules, deltas, prompts, latents)
-            t_m, t_o, t_b = (x.cond.context[trig] for x in (out, own, base))
-            leak = float(((out.eps - own.eps) * bleed).sum() / bleed.pow(2).sum().clamp_min(1e-24))
+        bleed = sum(owns[j].eps[rows] - base.eps[rows] for j in range(n) if j != i)
+        for name, out in outputs.items():
+            t_m, t_o, t_b = (x.cond.context[rows][trig] for x in (out, own, base))
+            moved = out.eps[rows] - own.eps[rows]
+            leak = float((moved * bleed).sum() / bleed.pow(2).sum().clamp_min(1e-24))
             scores[name].append(
                 ConceptScore(
                     concept=concept.name,
                     text_trigger=_rel(t_m, t_o, t_b) if trig.any() else float("nan"),
-                    text_all=_rel(out.cond.context, own.cond.context, base.cond.context),
-                    unet=_rel(out.eps, own.eps, base.eps),
+                    text_all=_rel(
+                        out.cond.context[rows], own.cond.context[rows], base.cond.context[rows]
+                    ),
+                    unet=_rel(out.eps[rows], own.eps[rows], base.eps[rows]),
                     leak=leak,
                 )
             )
-        progress.advance()
-    preservation = _preservation(plan, host, modules, methods, gen, size)
-    progress.advance()
-    return QualityReport([MethodScores(m, scores[m], *preservation[m]) for m in methods])
+    preservation = _preservation(base, owns, outputs, slice(neutral_start, None))
+    return QualityReport(
+        [MethodScores(m, scores[m], *preservation[m]) for m in methods],
+        held_out_templates=list(HELD_OUT_TEMPLATES[:per]),
+    )
 
 
 def _preservation(
-    plan: MergePlan,
-    host: Host,
-    modules: Mapping[ModuleRef, torch.nn.Module],
-    methods: Mapping[str, Deltas],
-    gen: torch.Generator,
-    size: int,
+    base: _Outputs, singles: list[_Outputs], outputs: Mapping[str, _Outputs], rows: slice
 ) -> dict[str, tuple[float, float]]:
-    prompts = list(NEUTRAL_PROMPTS)
-    latents = torch.randn(len(prompts), 4, size // 8, size // 8, generator=gen).to(
-        host.device, host.dtype
-    )
-    base = _run(host, modules, {}, prompts, latents)
-    singles = [_run(host, modules, c.deltas, prompts, latents) for c in plan.concepts]
-    unit_text = sum(float((s.cond.context - base.cond.context).norm()) for s in singles) / len(
-        singles
-    )
-    unit_eps = sum(float((s.eps - base.eps).norm()) for s in singles) / len(singles)
+    """How far each method moves the neutral prompts' outputs from the base, in units of one
+    concept LoRA's average effect on them (text, UNet)."""
+
+    def moved(out: _Outputs) -> tuple[float, float]:
+        text = float((out.cond.context[rows] - base.cond.context[rows]).norm())
+        return text, float((out.eps[rows] - base.eps[rows]).norm())
+
+    units = [moved(s) for s in singles]
+    unit_text = sum(u[0] for u in units) / len(units)
+    unit_eps = sum(u[1] for u in units) / len(units)
     result = {}
-    for name, deltas in methods.items():
-        out = _run(host, modules, deltas, prompts, latents)
-        result[name] = (
-            float((out.cond.context - base.cond.context).norm()) / max(unit_text, 1e-12),
-            float((out.eps - base.eps).norm()) / max(unit_eps, 1e-12),
-        )
+    for name, out in outputs.items():
+        text, eps = moved(out)
+        result[name] = (text / max(unit_text, 1e-12), eps / max(unit_eps, 1e-12))
     return result

@@ -1,5 +1,6 @@
 """The per-layer LoRACLR solver: statistics in, exact LoRA factors out. Pure torch."""
 
+from loraclr_ext.solver import precision
 from loraclr_ext.solver.features import ConvGeometry, input_rows
 from loraclr_ext.solver.settings import OFFICIAL_DEFAULTS, SolverSettings
 from loraclr_ext.solver.solve import LayerSolution, solve_layer
@@ -13,5 +14,6 @@ __all__ = [
     "LayerStats",
     "SolverSettings",
     "input_rows",
+    "precision",
     "solve_layer",
 ]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from loraclr_ext.errors import SolverError
+from loraclr_ext.solver.precision import solve_dtype
 from loraclr_ext.solver.settings import SolverSettings
 from loraclr_ext.solver.stats import LayerStats
 
@@ -41,7 +42,8 @@ class RepelSample:
 
 @dataclass
 class FactorProblem:
-    """Everything the objective of one layer needs, in fp64 on one device.
+    """Everything the objective of one layer needs, on one device in one precision
+    (fp64 where the device has it, see :mod:`loraclr_ext.solver.precision`).
 
     Shapes: ``U [out, R]``, ``M [R, R]``, ``G [d, d]`` (concept Gram, ridge not included),
     ``G0 [d, d]`` neutral Gram or ``None``, ``P [R, d]``, ``blocks`` the column range of
@@ -118,9 +120,12 @@ class FactorProblem:
         margin = self.settings.margin
         if self.scale_free:
             violation = torch.relu(margin * self.separation() - dist)
-            violation = violation * (1 - torch.eye(self.concepts, dtype=dist.dtype))
+            others = 1 - torch.eye(self.concepts, dtype=dist.dtype, device=dist.device)
+            violation = violation * others
             return violation.max(dim=1).values.pow(2).sum()
-        off = dist + torch.diag(torch.full((self.concepts,), torch.inf, dtype=dist.dtype))
+        off = dist + torch.diag(
+            torch.full((self.concepts,), torch.inf, dtype=dist.dtype, device=dist.device)
+        )
         negative = off.min(dim=1).values
         return torch.relu(margin - negative).pow(2).sum()
 
@@ -186,8 +191,9 @@ def build_problem(
     base_weight: torch.Tensor | None,
     settings: SolverSettings,
     device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> FactorProblem:
-    """Assemble the fp64 factor-space problem of one layer.
+    """Assemble the factor-space problem of one layer.
 
     Args:
         stats: the layer's streamed statistics (concept order = ``ups`` order).
@@ -195,9 +201,11 @@ def build_problem(
         base_weight: ``W0`` ``[out, in]``; needed for the repel term only.
         settings: objective and hyper-parameters.
         device: where to solve (default: where the statistics live).
+        dtype: precision of the problem (default: fp64 where ``device`` has it, else fp32).
     """
-    device = device or stats.device
-    f64 = {"device": device, "dtype": torch.float64}
+    device = torch.device(device or stats.device)
+    dtype = dtype or solve_dtype(device)
+    spec = {"device": device, "dtype": dtype}
     if len(ups) != stats.concepts:
         raise SolverError(f"{len(ups)} up factors for {stats.concepts} concepts.")
     out = int(ups[0].shape[0])
@@ -212,31 +220,31 @@ def build_problem(
             f"Base weight {tuple(base_weight.shape)} does not match the LoRA deltas "
             f"[{out}, {stats.in_features}]."
         )
-    U = torch.cat([u.detach().to(**f64) for u in ups], dim=1)
+    U = torch.cat([u.detach().to(**spec) for u in ups], dim=1)
     if not torch.isfinite(U).all():
         raise SolverError("An up factor contains NaN or Inf.")
     M = U.T @ U
-    P = torch.cat([p.to(**f64) for p in stats.cross])
+    P = torch.cat([p.to(**spec) for p in stats.cross])
     blocks, start = [], 0
     for up in ups:
         blocks.append((start, start + int(up.shape[1])))
         start += int(up.shape[1])
     C = sum(
-        float((M[a:b, a:b] * e.to(**f64)).sum())
+        float((M[a:b, a:b] * e.to(**spec)).sum())
         for (a, b), e in zip(blocks, stats.self_cross, strict=True)
     )
-    G0 = None if stats.neutral_gram is None else stats.neutral_gram.to(**f64)
+    G0 = None if stats.neutral_gram is None else stats.neutral_gram.to(**spec)
     repel = None
     if settings.has_repel and base_weight is not None and stats.concepts > 1:
-        repel = _repel_sample(stats, ups, base_weight, settings, device)
+        repel = _repel_sample(stats, ups, base_weight, settings, device, dtype)
     return FactorProblem(
         U=U,
         M=M,
-        G=stats.gram.to(**f64),
+        G=stats.gram.to(**spec),
         G0=G0,
         neutral_weight=stats.neutral_weight,
         P=P,
-        prior=_prior(stats, device),
+        prior=_prior(stats, device, dtype),
         C=C,
         blocks=blocks,
         weight_total=max(sum(stats.weight), 1e-30),
@@ -245,12 +253,12 @@ def build_problem(
     )
 
 
-def _prior(stats: LayerStats, device: torch.device) -> torch.Tensor:
+def _prior(stats: LayerStats, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``D`` of the stacked delta ``Σ_i ΔW_i = U·[down_1; …; down_n]`` in solver coordinates."""
-    downs = torch.cat([d.to(device, torch.float64) for d in stats.downs])  # [R, in]
+    downs = torch.cat([d.to(device, dtype) for d in stats.downs])  # [R, in]
     if stats.basis is None:
         return downs
-    return downs @ stats.basis.to(device, torch.float64).T
+    return downs @ stats.basis.to(device, dtype).T
 
 
 def _repel_sample(
@@ -259,12 +267,13 @@ def _repel_sample(
     base_weight: torch.Tensor,
     settings: SolverSettings,
     device: torch.device,
+    dtype: torch.dtype,
 ) -> RepelSample | None:
     rows = [s.rows for s in stats.samples]
     if any(r is None or r.shape[0] == 0 for r in rows):
         return None
     m = min(int(r.shape[0]) for r in rows)
-    # The sample products run in fp32 (they are O(n·m·in·out)); the solve itself is fp64.
+    # The sample products run in fp32 (they are O(n·m·in·out)); the solve in ``dtype``.
     x = torch.stack([r[:m].to(device, torch.float32) for r in rows])  # [n, m, in]
     w0 = base_weight.to(device, torch.float32)
     base_out = x @ w0.T
@@ -274,9 +283,9 @@ def _repel_sample(
             for i, (u, d) in enumerate(zip(ups, stats.downs, strict=True))
         ]
     )
-    targets = (base_out + moved).double()
-    base_out = base_out.double()
-    coords = (x if stats.basis is None else x @ stats.basis.to(device, torch.float32).T).double()
+    targets = (base_out + moved).to(dtype)
+    base_out = base_out.to(dtype)
+    coords = (x if stats.basis is None else x @ stats.basis.to(device, torch.float32).T).to(dtype)
     out = int(w0.shape[0])
     if settings.distance == "sum":
         mean_rows = sum(stats.rows) / len(stats.rows)

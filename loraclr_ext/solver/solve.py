@@ -22,6 +22,7 @@ import torch
 
 from loraclr_ext.errors import SolverError
 from loraclr_ext.solver.objective import FactorProblem, build_problem
+from loraclr_ext.solver.precision import round_off
 from loraclr_ext.solver.settings import SolverSettings
 from loraclr_ext.solver.stats import LayerStats
 
@@ -98,11 +99,30 @@ def _note(notes: list[str] | None, text: str) -> None:
         notes.append(text)
 
 
+def _cholesky(H: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of the symmetric positive (semi)definite ``H``.
+
+    In fp32 round-off can make a well-posed but ill-conditioned ``H`` look indefinite;
+    then the smallest diagonal jitter (from one unit of round-off of its mean diagonal,
+    growing tenfold) that factorises is added. fp64 problems practically never need it.
+    """
+    factor, info = torch.linalg.cholesky_ex(H)
+    if int(info) == 0:
+        return factor
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    jitter = round_off(H.dtype) * max(float(H.diagonal().abs().mean()), 1e-30)
+    for _ in range(16):
+        factor, info = torch.linalg.cholesky_ex(H + jitter * eye)
+        if int(info) == 0:
+            return factor
+        jitter *= 10
+    raise SolverError("The layer's input statistics are not positive semidefinite (NaN?).")
+
+
 def _shifted_solve(H: torch.Tensor, rhs: torch.Tensor, tau: float) -> torch.Tensor:
     """``rhs (H + τI)⁻¹`` by Cholesky (``H`` symmetric positive definite)."""
     shifted = H + tau * torch.eye(H.shape[0], dtype=H.dtype, device=H.device) if tau else H
-    factor = torch.linalg.cholesky(shifted)
-    return torch.cholesky_solve(rhs.T, factor).T
+    return torch.cholesky_solve(rhs.T, _cholesky(shifted)).T
 
 
 def _min_norm_solve(H: torch.Tensor, rhs: torch.Tensor, notes: list[str] | None) -> torch.Tensor:
@@ -111,7 +131,8 @@ def _min_norm_solve(H: torch.Tensor, rhs: torch.Tensor, notes: list[str] | None)
     if int(info) == 0:
         return torch.cholesky_solve(rhs.T, factor).T
     evals, evecs = torch.linalg.eigh(H)
-    keep = evals > 1e-12 * float(evals.max())
+    floor = max(1e-12, 10 * H.shape[0] * round_off(H.dtype))  # round-off level of eigh
+    keep = evals > floor * float(evals.max())
     _note(notes, "rank-deficient inputs: minimum-norm least squares")
     inv = torch.where(keep, 1.0 / evals.clamp_min(1e-300), 0.0)
     return ((rhs @ evecs) * inv) @ evecs.T
@@ -134,12 +155,13 @@ def _solve_norm_shift(
         return None
     lo, hi = 0.0, float("inf")
     tau = 0.0
+    tolerance = max(1e-10, 100 * round_off(H.dtype))
     for _ in range(60):
-        factor = torch.linalg.cholesky(H + tau * eye)
+        factor = _cholesky(H + tau * eye)
         D = torch.cholesky_solve(rhs.T, factor).T
         norm = float(((M @ D) * D).sum().clamp_min(0).sqrt())
         g = tau * norm
-        if abs(g - half_reg) <= 1e-10 * half_reg:
+        if abs(g - half_reg) <= tolerance * half_reg:
             return D
         if g < half_reg:
             lo = tau
@@ -157,13 +179,14 @@ def _solve_norm_shift(
 def refine(problem: FactorProblem, start: torch.Tensor) -> tuple[torch.Tensor, int, float]:
     """L-BFGS on the full objective from ``start``; returns (best D, iterations, best value)."""
     D = start.clone().requires_grad_(True)
+    eps = round_off(start.dtype)
     optimizer = torch.optim.LBFGS(
         [D],
         lr=1.0,
         max_iter=problem.settings.iterations,
         history_size=20,
-        tolerance_grad=1e-12,
-        tolerance_change=1e-14,
+        tolerance_grad=max(1e-12, eps * 1e-2),
+        tolerance_change=max(1e-14, eps * 1e-2),
         line_search_fn="strong_wolfe",
     )
     best = [float(problem.value(start)), start.clone()]
@@ -195,7 +218,8 @@ def factorize(
     A = R_u @ D  # [R', d]
     left, sigma, right_t = torch.linalg.svd(A, full_matrices=False)
     top = float(sigma.max()) if sigma.numel() else 0.0
-    exact = int((sigma > ZERO_SINGULAR * top).sum()) if top > 0 else 0
+    zero = max(ZERO_SINGULAR, 10 * max(A.shape) * round_off(A.dtype))  # round-off of the SVD
+    exact = int((sigma > zero * top).sum()) if top > 0 else 0
     keep = exact if rank is None else min(rank, exact)
     energy = float(sigma[:keep].pow(2).sum() / sigma.pow(2).sum()) if exact else 1.0
     output = 1.0
@@ -219,6 +243,7 @@ def solve_layer(
     settings: SolverSettings,
     *,
     layer: str = "layer",
+    dtype: torch.dtype | None = None,
 ) -> LayerSolution:
     """Merge one layer.
 
@@ -228,13 +253,15 @@ def solve_layer(
         base_weight: ``W0`` ``[out, in]`` (needed when the repel term is on).
         settings: objective, hyper-parameters, target rank.
         layer: name used in error messages.
+        dtype: precision of the factor-space solve (default: fp64 where the statistics'
+            device has it, else fp32; see :mod:`loraclr_ext.solver.precision`).
     """
     stats.check_complete(layer)
     if settings.has_repel and base_weight is None and stats.concepts > 1:
         raise SolverError(f"{layer}: the repel term needs the base weight W0.")
     if base_weight is not None and not torch.isfinite(base_weight).all():
         raise SolverError(f"{layer}: the base weight contains NaN or Inf.")
-    problem = build_problem(stats, ups, base_weight, settings)
+    problem = build_problem(stats, ups, base_weight, settings, dtype=dtype)
     notes: list[str] = []
     if sum(stats.rows) < stats.dim and settings.objective != "least_squares":
         notes.append(

@@ -49,7 +49,7 @@ class TokenSample:
         if self.capacity <= 0:
             return
         u = torch.rand(rows.shape[0], generator=gen, dtype=torch.float64).clamp_min(1e-300)
-        w = torch.ones_like(u) if weights is None else weights.detach().double().cpu()
+        w = torch.ones_like(u) if weights is None else weights.detach().cpu().double()
         keys = torch.where(w > 0, u.log() / w.clamp_min(1e-300), torch.full_like(u, -torch.inf))
         old = 0 if self.keys is None else int(self.keys.numel())
         all_keys = keys if self.keys is None else torch.cat([self.keys, keys])

@@ -29,8 +29,8 @@ LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 SETTINGS = {
     # setting key -> (MergeOptions field or None, label)
     "loraclr_default_rank": ("rank", "Default target rank (0 = exact)"),
-    "loraclr_default_steps": ("steps", "Default denoising steps recorded per concept"),
-    "loraclr_default_size": ("size", "Default image size (px) of the recording run"),
+    "loraclr_default_steps": ("steps", "Default denoising steps recorded per concept (0 = auto)"),
+    "loraclr_default_size": ("size", "Default image size (px) of the recording run (0 = auto)"),
     "loraclr_default_precision": ("precision", "Default precision of the saved file"),
     "loraclr_output_subfolder": (None, "Subfolder of the Lora folder for merged files"),
 }
@@ -122,8 +122,9 @@ class WebuiContext:
         for key, (name, _) in SETTINGS.items():
             if name is not None:
                 values[name] = self.setting(key, values[name])
-        if not values["rank"]:
-            values["rank"] = None
+        for name in ("rank", "steps", "size"):  # 0 in a settings field: exact / auto
+            if not values[name]:
+                values[name] = None
         return values
 
     @property
@@ -309,8 +310,9 @@ class WebuiContext:
 def parse_options(ctx: WebuiContext, values: dict[str, Any]) -> MergeOptions:
     """Settings defaults overlaid with ``values`` (unknown keys are an error)."""
     merged = {**ctx.default_options(), **values}
-    if merged.get("rank") in (0, "", None):
-        merged["rank"] = None
+    for name in ("rank", "steps", "size"):
+        if merged.get(name) in (0, "", None):
+            merged[name] = None
     return MergeOptions.from_dict(merged)
 
 

@@ -165,7 +165,7 @@ def _widget(spec: FieldSpec, default: Any) -> Any:
     if spec.kind == "text":
         return gr.Textbox(value=default or "", **common)
     bounds = {k: v for k, v in (("minimum", spec.minimum), ("maximum", spec.maximum)) if v}
-    if spec.name == "rank":
+    if spec.zero:  # optional numbers show their "exact"/"auto" choice as 0
         return gr.Number(value=default or 0, precision=0, minimum=0, **common)
     precision = 0 if spec.kind == "int" else None
     return gr.Number(value=default, precision=precision, **bounds, **common)

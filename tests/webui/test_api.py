@@ -26,7 +26,7 @@ def test_version_publishes_option_schema(client):
     body = client.get("/loraclr/v1/version").json()
     assert body["api"] == 1
     props = body["options"]["properties"]
-    assert props["steps"]["minimum"] == 1 and props["precision"]["enum"] == ["fp16", "bf16", "fp32"]
+    assert props["steps"]["minimum"] == 0 and props["precision"]["enum"] == ["fp16", "bf16", "fp32"]
     assert "loras" in props
 
 
@@ -63,7 +63,7 @@ BAD = [
     ({"loras": LORAS, "colour": "red"}, 400, "Unknown option(s): colour"),
     ({"loras": [LORAS[0], {"name": "zwx_cat", "prompt": ""}]}, 400, "is empty"),
     ({"loras": [LORAS[0], {"name": "xl_style", "prompt": "x"}]}, 400, "SDXL LoRA"),
-    ({"loras": LORAS, "steps": 0}, 400, "steps must be ≥ 1"),
+    ({"loras": LORAS, "steps": 101}, 400, "steps must be ≤ 100"),
     ({"output": "x"}, 400, '"loras" must be a list'),
 ]
 

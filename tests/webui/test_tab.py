@@ -175,7 +175,7 @@ BAD = [
     ("duplicate prompt", [ROWS[0], ["zwx_cat", "SKS dog", 1.0]], {}, "same concept prompt"),
     ("bad name", ROWS, {"output": "a/b"}, "path separator"),
     ("existing", ROWS, {"output": "sks_dog"}, "already exists"),
-    ("bad steps", ROWS, {"steps": 0}, "steps must be ≥ 1"),
+    ("bad steps", ROWS, {"steps": 101}, "steps must be ≤ 100"),
 ]
 
 

@@ -39,8 +39,9 @@ class ForgeHost(PatcherHost):
         predictor = self.unet_patcher.model.predictor
         sigmas = getattr(predictor, "sigmas", None)
         if sigmas is None:
-            alphas = predictor.alphas_cumprod.double()
-            sigmas = ((1 - alphas) / alphas).sqrt().float()
+            stored = predictor.alphas_cumprod.detach()
+            alphas = stored.cpu().double()  # fp64 on the CPU: MPS has none
+            sigmas = ((1 - alphas) / alphas).sqrt().float().to(stored.device)
         return sigmas
 
     def _v_prediction(self) -> bool:

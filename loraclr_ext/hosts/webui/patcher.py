@@ -271,8 +271,8 @@ class PatcherHost:
         sig = sigmas[timestep].reshape(1).expand(batch).to(self.device)
         with self.host_mode():
             denoised = self._apply_model(x, sig, **kwargs)
-        denoised = plain_copy(denoised).double().cpu()
-        return network_output(x.double().cpu(), denoised, sigma, self._v_prediction())
+        denoised = plain_copy(denoised).cpu().double()  # fp64 on the CPU: MPS has none
+        return network_output(x.cpu().double(), denoised, sigma, self._v_prediction())
 
     def _apply_model(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return self.unet_patcher.model.apply_model(x, sigma, **kwargs)

@@ -51,7 +51,7 @@ class ReforgeHost(PatcherHost):
         sampling = getattr(self.unet_patcher.model, "model_sampling", None)
         sigmas = getattr(sampling, "sigmas", None)
         if sigmas is None:
-            alphas = self.sd_model.alphas_cumprod.detach().double().cpu()
+            alphas = self.sd_model.alphas_cumprod.detach().cpu().double()  # no fp64 on MPS
             sigmas = ((1 - alphas) / alphas).sqrt().float()
         return sigmas
 

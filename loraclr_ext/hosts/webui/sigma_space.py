@@ -32,7 +32,7 @@ def alphas_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
 
 def k_diffusion_input(x_t: torch.Tensor, alpha: float) -> torch.Tensor:
     """DDPM-scaled latents ``x_t`` as ``apply_model`` takes them: ``x_t / √ᾱ``, fp32 CPU."""
-    return (x_t.double().cpu() / math.sqrt(alpha)).float()
+    return x_t.cpu().double() / math.sqrt(alpha)  # fp64 on the CPU: MPS has none.float()
 
 
 def network_output(
