@@ -20,6 +20,14 @@ LOG = os.environ.get("LORACLR_LIVE_LOG")
 STAGES = ("Recording", "Solving", "Measuring quality")
 
 
+def _differing(a: tuple, b: tuple) -> str:
+    """How two decoded images differ, for the failure message."""
+    if a[:2] != b[:2]:
+        return f"mode/size {a[:2]} vs {b[:2]}"
+    diff = [abs(x - y) for x, y in zip(a[2], b[2], strict=True) if x != y]
+    return f"{len(diff)} of {len(a[2])} bytes differ, by up to {max(diff, default=0)}"
+
+
 def _lora_files() -> set[str]:
     assert LORA_DIR
     return {p.name for p in Path(LORA_DIR).rglob("*") if p.is_file()}
@@ -40,8 +48,9 @@ def test_generate_merge_generate_is_byte_identical(webui: WebUI, concepts: list[
     before_lora, before_plain = webui.generate(prompt), webui.generate(PLAIN)
     reply = webui.merge(concepts, "live_between", overwrite=True)
     assert reply.status == 200, reply.body
-    assert decode(webui.generate(prompt)) == decode(before_lora)
-    assert decode(webui.generate(PLAIN)) == decode(before_plain)
+    after_lora, after_plain = decode(webui.generate(prompt)), decode(webui.generate(PLAIN))
+    assert after_lora == decode(before_lora), _differing(after_lora, decode(before_lora))
+    assert after_plain == decode(before_plain), _differing(after_plain, decode(before_plain))
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import threading
 import time
@@ -85,5 +86,11 @@ class WebUI:
         return thread, holder
 
 
-def decode(image: str) -> bytes:
-    return base64.b64decode(image.split(",", 1)[-1])
+def decode(image: str) -> tuple[str, tuple[int, int], bytes]:
+    """The pixels of a base64 PNG the WebUI returned: (mode, size, raw bytes). The PNG file
+    itself also carries the generation's info text, which names the LoRAs' hashes and can
+    differ when the WebUI re-read its LoRA list, so images are compared by their pixels."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(image.split(",", 1)[-1]))) as img:
+        return img.mode, img.size, img.tobytes()
