@@ -212,6 +212,7 @@ def _print_result(result: MergeResult, report_path: Path | None) -> None:
     if result.report is not None:
         print()
         print(result.report.table())
+        assert result.path is not None  # the CLI always writes
         path = report_path or result.path.with_suffix(".report.json")
         payload = {
             "file": str(result.path),

@@ -221,6 +221,8 @@ def _target_modules(
 def flat_shape(module: torch.nn.Module) -> tuple[int, int]:
     """``(out, in·kh·kw)`` of a module's weight, without copying it."""
     weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise InvalidInputError(f"{type(module).__name__} has no weight tensor to merge into.")
     return int(weight.shape[0]), int(weight[0].numel())
 
 

@@ -121,7 +121,7 @@ def collect(
         for r, m in modules.items()
         if r.component == "unet" and r in stats and not is_cross_kv(r)
     }
-    steps_per_concept = 1 + (options.steps if spatial else 0)
+    steps_per_concept = 1 + (options.recording[0] if spatial else 0)
     progress.stage("Recording concept features", steps_per_concept * len(plan.concepts))
     for i, concept in enumerate(plan.concepts):
         check_interrupt(progress)
@@ -189,7 +189,8 @@ def _spatial_stage(
         check_interrupt(progress)
 
     with applied(modules, unet_deltas), recording(spatial, _sink(stats, index)):
-        host.sample(batch, steps=options.steps, size=options.size, seed=options.seed, callback=step)
+        steps, size = options.recording
+        host.sample(batch, steps=steps, size=size, seed=options.seed, callback=step)
 
 
 def _neutral_stage(
@@ -211,4 +212,5 @@ def _neutral_stage(
     if spatial:
         batch = _recording_batch(cond)
         with recording(spatial, sink):
-            host.sample(batch, steps=options.steps, size=options.size, seed=options.seed)
+            steps, size = options.recording
+            host.sample(batch, steps=steps, size=size, seed=options.seed)

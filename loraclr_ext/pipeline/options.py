@@ -157,6 +157,17 @@ class MergeOptions:
             size=size if self.size is None else self.size,
         )
 
+    @property
+    def recording(self) -> tuple[int, int]:
+        """``(steps, size)`` of the recording run, once :meth:`resolved` chose them.
+
+        Raises:
+            InvalidInputError: steps or size is still on auto.
+        """
+        if self.steps is None or self.size is None:
+            raise InvalidInputError("Recording steps and size are on auto; resolve them first.")
+        return self.steps, self.size
+
     def solver_settings(self) -> SolverSettings:
         """The per-layer solver settings these options imply."""
         return SolverSettings(

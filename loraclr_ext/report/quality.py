@@ -60,7 +60,7 @@ def report_work(plan: MergePlan, methods: int = 4) -> int:
 def report_pixels(plan: MergePlan, methods: int = 4) -> int:
     """The report's UNet work in image pixels evaluated, comparable with
     :func:`loraclr_ext.pipeline.collect.recording_pixels` (for progress and ETA weights)."""
-    return report_work(plan, methods) * report_size(plan.options.size) ** 2
+    return report_work(plan, methods) * report_size(plan.options.recording[1]) ** 2
 
 
 Deltas = Mapping[ModuleRef, ModuleDelta]
@@ -213,7 +213,7 @@ def evaluate(
     concepts = plan.concepts
     n = len(concepts)
     triggers = trigger_ids(host, concepts)
-    size = report_size(plan.options.size)
+    size = report_size(plan.options.recording[1])
     prompts, neutral_start = report_prompts(plan)
     gen = torch.Generator().manual_seed(plan.options.seed + 1)
     latents = torch.randn(len(prompts), 4, size // 8, size // 8, generator=gen)
@@ -236,7 +236,10 @@ def evaluate(
         rows = slice(i * per, (i + 1) * per)
         trig = token_roles(host, prompts[rows], triggers[i]).trigger
         own = owns[i]
-        bleed = sum(owns[j].eps[rows] - base.eps[rows] for j in range(n) if j != i)
+        bleed = sum(
+            (owns[j].eps[rows] - base.eps[rows] for j in range(n) if j != i),
+            torch.zeros_like(base.eps[rows]),
+        )
         for name, out in outputs.items():
             t_m, t_o, t_b = (x.cond.context[rows][trig] for x in (out, own, base))
             moved = out.eps[rows] - own.eps[rows]

@@ -8,6 +8,7 @@ A Linear layer sees ``[..., in]``; each leading index is one token. A conv layer
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +26,12 @@ class ConvGeometry:
     @classmethod
     def of(cls, module: torch.nn.Module) -> ConvGeometry:
         """Read the geometry of a conv module (any class with Conv2d's attributes)."""
+        conv: Any = module  # Conv2d-like: its geometry attributes are ints or int pairs
         return cls(
-            kernel=_pair(module.kernel_size),
-            stride=_pair(module.stride),
-            padding=_pair(module.padding),
-            dilation=_pair(module.dilation),
+            kernel=_pair(conv.kernel_size),
+            stride=_pair(conv.stride),
+            padding=_pair(conv.padding),
+            dilation=_pair(conv.dilation),
         )
 
 

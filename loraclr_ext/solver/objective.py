@@ -13,7 +13,9 @@ tokens. The repel term is evaluated on each concept's aligned row sample.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -205,7 +207,7 @@ def build_problem(
     """
     device = torch.device(device or stats.device)
     dtype = dtype or solve_dtype(device)
-    spec = {"device": device, "dtype": dtype}
+    spec: dict[str, Any] = {"device": device, "dtype": dtype}
     if len(ups) != stats.concepts:
         raise SolverError(f"{len(ups)} up factors for {stats.concepts} concepts.")
     out = int(ups[0].shape[0])
@@ -229,7 +231,7 @@ def build_problem(
     for up in ups:
         blocks.append((start, start + int(up.shape[1])))
         start += int(up.shape[1])
-    C = sum(
+    C = math.fsum(
         float((M[a:b, a:b] * e.to(**spec)).sum())
         for (a, b), e in zip(blocks, stats.self_cross, strict=True)
     )
@@ -269,8 +271,8 @@ def _repel_sample(
     device: torch.device,
     dtype: torch.dtype,
 ) -> RepelSample | None:
-    rows = [s.rows for s in stats.samples]
-    if any(r is None or r.shape[0] == 0 for r in rows):
+    rows = [s.rows for s in stats.samples if s.rows is not None]
+    if len(rows) < len(stats.samples) or any(r.shape[0] == 0 for r in rows):
         return None
     m = min(int(r.shape[0]) for r in rows)
     # The sample products run in fp32 (they are O(n·m·in·out)); the solve in ``dtype``.

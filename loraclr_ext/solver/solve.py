@@ -189,20 +189,21 @@ def refine(problem: FactorProblem, start: torch.Tensor) -> tuple[torch.Tensor, i
         tolerance_change=max(1e-14, eps * 1e-2),
         line_search_fn="strong_wolfe",
     )
-    best = [float(problem.value(start)), start.clone()]
+    best_value, best_factor = float(problem.value(start)), start.clone()
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         value = problem.value(D)
         value.backward()
+        nonlocal best_value, best_factor
         current = float(value.detach())
-        if current < best[0]:
-            best[0], best[1] = current, D.detach().clone()
+        if current < best_value:
+            best_value, best_factor = current, D.detach().clone()
         return value
 
     optimizer.step(closure)
     iterations = int(optimizer.state[optimizer._params[0]].get("n_iter", 0))
-    return best[1], iterations, best[0]
+    return best_factor, iterations, best_value
 
 
 def factorize(

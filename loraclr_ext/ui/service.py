@@ -167,7 +167,7 @@ class WebuiContext:
         model = get() if callable(get) else data.sd_model
         lock = getattr(data, "lock", None)
         locked = getattr(lock, "locked", None)
-        if callable(locked) and locked():
+        if lock is not None and callable(locked) and locked():
             # A load in progress holds the lock and may already have published the model
             # before finishing it (hijack, callbacks): wait for it to end, then look again.
             with lock:
@@ -266,7 +266,7 @@ class WebuiContext:
                 progress,
                 check_shapes=self.check_shapes,
             )
-            outcome = f"wrote {result.path.name}"
+            outcome = f"wrote {out.name}"
         except Exception as exc:
             outcome = str(exc) if isinstance(exc, LoraClrError) else type(exc).__name__
             raise
