@@ -63,8 +63,9 @@ def run_demo(workdir: Path, progress: Progress | None = None) -> dict:
     options = MergeOptions(output="merged", size=64, steps=8, overwrite=True)
     output = root / "merged.safetensors"
     result = merge(specs, options, output, lambda: host, progress, check_shapes=False)
-    if hasattr(progress, "close"):
-        progress.close()
+    close = getattr(progress, "close", None)
+    if callable(close):
+        close()
     total = time.perf_counter() - started
     modules = len(result.layers)
     print(f"wrote {output.name} ({modules} modules), use it as: {result.prompt_tag}")

@@ -163,7 +163,9 @@ def read_model_index(folder: Path) -> dict[str, Any]:
 def folder_is_sdxl(folder: Path) -> bool:
     """A folder is SDXL when its index names a second text encoder."""
     entry = read_model_index(folder).get("text_encoder_2")
-    return bool(entry) and entry[0] is not None
+    if not entry:
+        return False
+    return entry[0] is not None
 
 
 def load_folder_pipeline(
@@ -287,6 +289,14 @@ def _text_checks(arch: Architecture, layers: list[int]) -> list[tuple[str, str, 
     ]
 
 
+def _hf_config(encoder: torch.nn.Module) -> Any:
+    """A transformers text encoder's ``config`` (a ``PretrainedConfig``, untyped here)."""
+    config = encoder.config
+    if isinstance(config, (torch.Tensor, torch.nn.Module)):
+        raise TypeError(f"{type(encoder).__name__}.config is not a transformers config.")
+    return config
+
+
 def verify_text_encoders(path: Path, arch: Architecture, encoders: list[torch.nn.Module]) -> None:
     """Check that converted text-encoder weights equal the checkpoint's.
 
@@ -295,7 +305,7 @@ def verify_text_encoders(path: Path, arch: Architecture, encoders: list[torch.nn
     """
     from safetensors import safe_open
 
-    layers = [int(e.config.num_hidden_layers) for e in encoders]
+    layers = [int(_hf_config(e).num_hidden_layers) for e in encoders]
     with safe_open(str(path), framework="pt") as f:
         for key, suffix, index in _text_checks(arch, layers):
             params = dict(encoders[index].named_parameters())

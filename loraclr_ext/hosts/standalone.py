@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -18,7 +18,7 @@ from loraclr_ext.hosts import model_files
 from loraclr_ext.hosts.base import Conditioning, StepCallback, Tokens, iter_chunks
 from loraclr_ext.hosts.devices import resolve_device, resolve_dtype
 from loraclr_ext.hosts.text_paths import canonical_text_path, has_text_model_level, live_text_path
-from loraclr_ext.hosts.weights import changed_weights, weights_fingerprint
+from loraclr_ext.hosts.weights import changed_weights, weight_of, weights_fingerprint
 from loraclr_ext.model.architecture import Architecture
 from loraclr_ext.model.targets import Component, ModuleRef
 
@@ -170,7 +170,7 @@ class StandaloneHost:
             raise InvalidInputError(f"The {self.architecture.label} model has no module {ref}.")
         module = found[ref]
         # A PEFT-wrapped layer keeps the original weight in ``base_layer``.
-        weight = getattr(module, "base_layer", module).weight
+        weight = weight_of(getattr(module, "base_layer", module))
         return weight.detach().to("cpu", torch.float32).reshape(weight.shape[0], -1).clone()
 
     # -- text
@@ -302,7 +302,9 @@ class StandaloneHost:
             )
         models = _models(self.pipe)
         before = [weights_fingerprint(m) for m in models]
-        peft = [m for m in models if getattr(m, "peft_config", None)]
+        # A model with a ``peft_config`` is a diffusers/transformers PEFT mixin model, which
+        # defines both methods; the cast only tells the checker so.
+        peft = [cast(_PeftModel, m) for m in models if getattr(m, "peft_config", None)]
         for m in peft:
             m.disable_adapters()
         try:
@@ -319,6 +321,14 @@ class StandaloneHost:
 
 
 # ------------------------------------------------------------------------------ helpers
+
+
+class _PeftModel(Protocol):
+    """The part of diffusers' ``PeftAdapterMixin`` this host calls."""
+
+    def disable_adapters(self) -> None: ...
+
+    def enable_adapters(self) -> None: ...
 
 
 def _models(pipe: Any) -> list[torch.nn.Module]:

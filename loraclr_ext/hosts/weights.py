@@ -27,6 +27,16 @@ def readable(t: torch.Tensor) -> torch.Tensor:
     return t.data
 
 
+def weight_of(module: torch.nn.Module) -> torch.Tensor:
+    """``module.weight`` as a tensor. ``nn.Module.__getattr__`` is typed ``Tensor | Module``;
+    this narrows it. A module without ``weight`` raises ``AttributeError`` as before; one
+    whose ``weight`` is not a tensor (``None``, a submodule) raises a clear ``TypeError``."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.weight is {type(weight).__name__}, not a tensor.")
+    return weight
+
+
 def to_cpu_float(t: torch.Tensor) -> torch.Tensor:
     """A new CPU fp32 tensor with ``t``'s values, never an inference tensor, never an
     alias of host memory, whatever ``t``'s device, dtype and inference state."""

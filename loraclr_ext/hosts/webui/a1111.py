@@ -55,6 +55,7 @@ from loraclr_ext.hosts.weights import (
     changed_weights,
     readable,
     to_cpu_float,
+    weight_of,
     weights_fingerprint,
     write_into,
 )
@@ -194,7 +195,7 @@ class A1111Host:
         )
         self.device = torch.device(getattr(devices, "device", "cpu"))
         self.dtype = next(self.unet.parameters()).dtype
-        self._projections: dict[torch.nn.Module, AttentionProjections] = {}
+        self._projections: dict[torch.nn.MultiheadAttention, AttentionProjections] = {}
         # open_clip MLPs handed out by modules() that run sequence first ([T, B, C]).
         self._sequence_first: dict[torch.nn.Module, None] = {}
 
@@ -239,21 +240,32 @@ class A1111Host:
         if match is None:
             return None
         index, attn, mlp = int(match[1]), match[2], match[3]
-        blocks = enc.model.transformer.resblocks
+        blocks = enc.model.get_submodule("transformer.resblocks")
+        if not isinstance(blocks, (torch.nn.ModuleList, torch.nn.Sequential)):
+            return None
         if index >= min(len(blocks), enc.layers if enc.layers is not None else len(blocks)):
             return None
         block = blocks[index]
-        if not hasattr(block, "attn") or not hasattr(block, "mlp"):
+        attn_module = getattr(block, "attn", None)
+        mlp_module = getattr(block, "mlp", None)
+        if not isinstance(attn_module, torch.nn.Module) or not isinstance(
+            mlp_module, torch.nn.Module
+        ):
             return None
         if mlp is not None:
-            if not getattr(block.attn, "batch_first", False):
-                self._sequence_first[block.mlp] = None
-            return getattr(block.mlp, _OPEN_CLIP_MLP[mlp])
-        return self._attention(block.attn).by_name(attn)
+            if not getattr(attn_module, "batch_first", False):
+                self._sequence_first[mlp_module] = None
+            return getattr(mlp_module, _OPEN_CLIP_MLP[mlp])
+        return self._attention(attn_module).by_name(attn)
 
     def _attention(self, mha: torch.nn.Module) -> AttentionProjections:
         """The cached hookable projections of one MHA (the same objects on every call, so
         hooks the engine registers stay attached)."""
+        if not isinstance(mha, torch.nn.MultiheadAttention):
+            raise InvalidInputError(
+                "The loaded text encoder has an attention layer this merge cannot hook "
+                f"({type(mha).__name__} is not a torch MultiheadAttention)"
+            )
         if mha not in self._projections:
             try:
                 self._projections[mha] = projections(mha)
@@ -263,7 +275,7 @@ class A1111Host:
                 ) from None
         return self._projections[mha]
 
-    def _attention_pairs(self) -> list[tuple[torch.nn.Module, AttentionProjections]]:
+    def _attention_pairs(self) -> list[tuple[torch.nn.MultiheadAttention, AttentionProjections]]:
         """The MHAs whose projections :meth:`modules` handed out; only these need to run
         through them (the others keep the library's own forward)."""
         return list(self._projections.items())
@@ -274,7 +286,7 @@ class A1111Host:
         found = self.modules([ref])
         if ref not in found:
             raise InvalidInputError(f"The loaded model has no module {ref}.")
-        weight = found[ref].weight
+        weight = weight_of(found[ref])
         return to_cpu_float(weight).reshape(weight.shape[0], -1)
 
     # -- text

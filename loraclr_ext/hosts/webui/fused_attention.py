@@ -46,6 +46,10 @@ class FusedProjection(torch.nn.Module):
     to ``state_dict``, ``parameters()`` or a weights fingerprint of the model.
     """
 
+    # Set with object.__setattr__ (not registered as a child); declared so the type checker
+    # sees an MHA instead of nn.Module.__getattr__'s ``Tensor | Module``.
+    _mha: torch.nn.MultiheadAttention
+
     def __init__(self, mha: torch.nn.MultiheadAttention, slot: str) -> None:
         super().__init__()
         self.slot = slot

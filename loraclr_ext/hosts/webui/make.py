@@ -66,7 +66,7 @@ def forget_cached_loras(sd_model: Any, networks: Any) -> None:
     if sd_model is None or not host_kind(sd_model).forge_family:
         return
     cache = getattr(networks, "load_lora_state_dict", None)
-    if hasattr(cache, "cache_clear"):
+    if cache is not None and hasattr(cache, "cache_clear"):
         cache.cache_clear()
     if hasattr(sd_model, "current_lora_hash"):
         sd_model.current_lora_hash = str([])

@@ -44,7 +44,7 @@ from loraclr_ext.hosts.webui.sigma_space import (
     sdxl_adm,
 )
 from loraclr_ext.hosts.webui.storage import check_storage, float_weight
-from loraclr_ext.hosts.weights import changed_weights, plain_copy, weights_fingerprint
+from loraclr_ext.hosts.weights import changed_weights, plain_copy, weight_of, weights_fingerprint
 from loraclr_ext.model.architecture import Architecture
 from loraclr_ext.model.naming import ldm_unet_path
 from loraclr_ext.model.targets import ModuleRef
@@ -247,7 +247,7 @@ class PatcherHost:
         """SDXL ``y`` ``[B, adm]`` for this UNet (:func:`sdxl_adm`)."""
         if cond.pooled is None:
             raise InvalidInputError("SDXL conditioning needs the pooled text embedding.")
-        adm_in = int(self.unet.get_submodule("label_emb.0.0").weight.shape[1])
+        adm_in = int(weight_of(self.unet.get_submodule("label_emb.0.0")).shape[1])
         return sdxl_adm(cond.pooled, adm_in, size)
 
     def _raw_output(
@@ -327,7 +327,7 @@ class PatcherHost:
         ]
         previous_clip = getattr(previous, "clip", None)
         fallbacks = [getattr(previous, "unet", None), getattr(previous_clip, "patcher", None)]
-        chosen = []
+        chosen: list[Any] = []
         for clean, fallback in zip(self._patchers(), fallbacks, strict=True):
             same = [p for p in loaded if p is not None and getattr(p, "model", None) is clean.model]
             pick = same[0] if same else fallback
@@ -394,7 +394,11 @@ def out_of_step(patcher: Any) -> bool:
     Patchers without that bookkeeping (new Forge) are never out of step here.
     """
     model = getattr(patcher, "model", None)
-    if not hasattr(model, "current_weight_patches_uuid") or not hasattr(patcher, "patches_uuid"):
+    if (
+        model is None
+        or not hasattr(model, "current_weight_patches_uuid")
+        or not hasattr(patcher, "patches_uuid")
+    ):
         return False
     return model.current_weight_patches_uuid != patcher.patches_uuid
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from loraclr_ext.errors import InvalidInputError
-from loraclr_ext.hosts.weights import to_cpu_float
+from loraclr_ext.hosts.weights import to_cpu_float, weight_of
 
 
 def quantised_storage(tensor: torch.Tensor) -> str | None:
@@ -47,7 +47,7 @@ def check_storage(models: dict[str, torch.nn.Module]) -> None:
 def float_weight(module: torch.nn.Module) -> torch.Tensor:
     """The module's weight as CPU fp32 ``[out, in·kh·kw]``, fp8 storage dequantised with
     the module's ``scale_weight`` (scalar or per output) where it has one."""
-    weight = module.weight
+    weight = weight_of(module)
     kind = quantised_storage(weight)
     if kind is not None:
         raise InvalidInputError(f"A weight is stored as {kind}; cannot read it.")
