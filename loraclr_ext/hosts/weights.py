@@ -59,7 +59,9 @@ def write_into(target: torch.Tensor, values: torch.Tensor) -> None:
 
 
 def _tensor_stats(t: torch.Tensor) -> torch.Tensor:
-    """Sum, absolute sum and 16 evenly spaced elements of ``t``, as CPU fp64 ``[18]``."""
+    """Sum, absolute sum and 16 evenly spaced elements of ``t``, on the CPU ``[18]``: fp64
+    where the device has it, fp32 on one that has none (Apple MPS); the digest packs the
+    values as Python floats either way."""
     with torch.inference_mode(False), torch.no_grad():
         flat = readable(t).reshape(-1)
         wide = flat.to(solve_dtype(flat.device))  # fp64 where the device has it (not MPS)
@@ -67,7 +69,7 @@ def _tensor_stats(t: torch.Tensor) -> torch.Tensor:
         idx = torch.arange(16, device=flat.device) * max(flat.numel() - 1, 0) // 15
         samples = wide[idx] if flat.numel() else torch.zeros(16, dtype=wide.dtype)
         stats = torch.cat([torch.stack([wide.sum(), wide.abs().sum()]), samples.to(wide.device)])
-        return stats.to("cpu", torch.float64)
+        return stats.cpu()
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
