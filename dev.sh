@@ -52,11 +52,10 @@ install() {  # install PY EXTRA
 
 find_python310() {
     if [ -n "${PYTHON310:-}" ]; then echo "$PYTHON310"; return; fi
-    if command -v pyenv >/dev/null 2>&1; then
-        local found
-        found=$(ls -d "$(pyenv root)"/versions/3.10*/bin/python3.10 2>/dev/null | tail -n 1)
-        if [ -n "$found" ]; then echo "$found"; return; fi
-    fi
+    local root found
+    root=$( (command -v pyenv >/dev/null 2>&1 && pyenv root) || echo "${PYENV_ROOT:-$HOME/.pyenv}")
+    found=$(ls -d "$root"/versions/3.10*/bin/python3.10 2>/dev/null | tail -n 1)
+    if [ -n "$found" ]; then echo "$found"; return; fi
     if command -v python3.10 >/dev/null 2>&1 && python3.10 -c "" 2>/dev/null; then
         command -v python3.10
     fi
