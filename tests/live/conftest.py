@@ -48,7 +48,12 @@ def concepts(webui: WebUI) -> list[dict]:
     """Two LoRAs to merge with their prompts (from ``LORACLR_LIVE_LORAS`` or the list)."""
     listing = webui.call("GET", "/loraclr/v1/loras").body["loras"]
     wanted = [n for n in os.environ.get("LORACLR_LIVE_LORAS", "").split(",") if n]
-    usable = [e for e in listing if e["usable"] or e.get("architecture") is None]
+    # The check's own outputs (live_*) are LoRAs too; never merge those again.
+    usable = [
+        e
+        for e in listing
+        if (e["usable"] or e.get("architecture") is None) and not e["name"].startswith("live_")
+    ]
     chosen = [e for e in usable if e["name"] in wanted] if wanted else usable[:2]
     assert len(chosen) >= 2, f"need two usable LoRAs, the extension lists {listing}"
     return [
