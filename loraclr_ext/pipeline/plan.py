@@ -97,16 +97,8 @@ def plan_merge(
         LoraFileError: a file is missing, corrupt, truncated or a pickle.
         ArchitectureMismatchError: a LoRA is for another architecture than the base model.
     """
-    if len(specs) < min_concepts:
-        raise InvalidInputError(f"Select at least two LoRAs to merge (got {len(specs)}).")
-    _check_distinct_files(specs)
-    _check_prompts(specs)
-    if output.exists() and not options.overwrite:
-        raise OutputExistsError(f"{output} already exists; choose another name or allow overwrite.")
-    if not output.parent.is_dir():
-        raise InvalidInputError(
-            f"Output directory {output.parent} does not exist; create it first."
-        )
+    _check_request(specs, min_concepts)
+    _check_output(output, options, (output,))
     concepts = [_read_concept(spec, architecture, check_shapes, base_weight) for spec in specs]
     plan = MergePlan(concepts, options, output, architecture)
     if not plan.refs:
@@ -134,14 +126,26 @@ def precheck(
     Returns:
         whether a LoRA has DoRA modules, whose reading needs the base weights.
     """
+    _check_request(specs, min_concepts)
+    dora = [precheck_lora(Path(spec.path), check_shapes=check_shapes) for spec in specs]
+    if output.suffix.lower() != ".safetensors":
+        raise InvalidInputError(f"Output {output.name} must end in .safetensors.")
+    _check_output(output, options, (output, output.with_suffix(".json")))
+    return any(dora)
+
+
+def _check_request(specs: list[ConceptSpec], min_concepts: int) -> None:
+    """Enough concepts, each file once, every concept with its own prompt and strength."""
     if len(specs) < min_concepts:
         raise InvalidInputError(f"Select at least two LoRAs to merge (got {len(specs)}).")
     _check_distinct_files(specs)
     _check_prompts(specs)
-    dora = [precheck_lora(Path(spec.path), check_shapes=check_shapes) for spec in specs]
-    if output.suffix.lower() != ".safetensors":
-        raise InvalidInputError(f"Output {output.name} must end in .safetensors.")
-    for target in (output, output.with_suffix(".json")):
+
+
+def _check_output(output: Path, options: MergeOptions, targets: tuple[Path, ...]) -> None:
+    """None of ``targets`` (the file, and its sidecar) exists unless overwriting is allowed,
+    and the output folder exists."""
+    for target in targets:
         if target.exists() and not options.overwrite:
             raise OutputExistsError(
                 f"{target} already exists; choose another name or allow overwrite."
@@ -150,7 +154,6 @@ def precheck(
         raise InvalidInputError(
             f"Output directory {output.parent} does not exist; create it first."
         )
-    return any(dora)
 
 
 def _check_distinct_files(specs: list[ConceptSpec]) -> None:
