@@ -88,12 +88,21 @@ def run_demo(workdir: Path, progress: Progress | None = None) -> dict:
 
 def _explain(report: QualityReport) -> None:
     ours, stacked = report.method("loraclr"), report.method("stacked")
+    measures = (
+        ("text@trigger", "text_trigger"),
+        ("UNet", "unet"),
+        ("leak", "leak"),
+        ("joint K/V", "joint_kv"),
+        ("joint bleed", "joint_bleed"),
+    )
     pairs = ", ".join(
-        f"{label} {ours.mean(key):.3f} vs {stacked.mean(key):.3f}"
-        for label, key in (("text@trigger", "text_trigger"), ("UNet", "unet"), ("leak", "leak"))
+        f"{label} {ours.mean(key):.3f} vs {stacked.mean(key):.3f}" for label, key in measures
     )
     print(
         "\nErrors are |merged − LoRA alone| / |LoRA alone − base| on held-out prompts "
-        "(0 = perfect);\nleak = share of the other LoRAs' effect bleeding into a concept's "
-        f"prompts (stacking ≈ 1).\nLoRACLR vs stacking: {pairs}."
+        "(0 = perfect);\nleak = share of the other LoRAs' effect on a concept's own prompts "
+        "(stacking ≈ 1, averaging ≈ 1/n, 0 = none);\njoint = prompts naming two concepts "
+        '("A and B in a park"), at each concept\'s words in the cross-attention keys/values:\n'
+        "its error against its LoRA alone there, and the share of the partner's effect landing "
+        f"there (bleed).\nLoRACLR vs stacking: {pairs}."
     )

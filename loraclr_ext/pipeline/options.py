@@ -33,6 +33,8 @@ TEMPLATES = (
 """Fit templates: every concept runs all of them, so features align position by position."""
 HELD_OUT_TEMPLATES = ("a painting of {}", "{} standing on a city street at night")
 """Report templates: never used for fitting."""
+JOINT_TEMPLATES = ("{} and {} in a park", "{} next to {}")
+"""Report templates naming two concepts together (held out: never used for fitting)."""
 NEUTRAL_PROMPTS = ("a photo of a landscape", "a bowl of fruit on a table", "a city street at night")
 """Prompts without any concept, for base preservation."""
 

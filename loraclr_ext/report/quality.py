@@ -1,8 +1,11 @@
 """The quality report (design §7): fidelity, isolation and base preservation of the merge,
-against the baselines, on held-out prompts, at the text conditioning and the UNet output.
+against the baselines, on held-out prompts, at the text conditioning and the UNet output,
+and composition on prompts that name two concepts together (``report.joint``).
 
 All errors are relative to each LoRA's own effect: ``|merged − own| / |own − base|``, so
 0 is a perfect copy of the concept's LoRA and 1 is as far off as not applying it at all.
+Shares (leak, bleed) are least-squares coefficients on the concepts' effects
+(``report.shares``): stacking ≈ 1, averaging n LoRAs ≈ 1/n, no bleed = 0.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from loraclr_ext.model.deltas import ModuleDelta
 from loraclr_ext.model.targets import ModuleRef
 from loraclr_ext.pipeline.collect import token_roles, trigger_ids
 from loraclr_ext.pipeline.hooks import applied
-from loraclr_ext.pipeline.options import HELD_OUT_TEMPLATES, NEUTRAL_PROMPTS
+from loraclr_ext.pipeline.options import HELD_OUT_TEMPLATES, JOINT_TEMPLATES, NEUTRAL_PROMPTS
 from loraclr_ext.pipeline.plan import MergePlan
 from loraclr_ext.pipeline.progress import Progress, check_interrupt
+from loraclr_ext.report.joint import JointScore, evaluate_joint
+from loraclr_ext.report.shares import Gram
 
 REPORT_TIMESTEP = 600
 """Training timestep (of 1000) of the UNet comparison: mid-noise, where identity forms."""
@@ -68,16 +73,21 @@ Deltas = Mapping[ModuleRef, ModuleDelta]
 
 @dataclass
 class ConceptScore:
-    """One method's numbers for one concept (lower is better).
+    """One method's numbers for one concept.
 
-    Attributes:
+    On the concept's own held-out prompts (lower is better):
         text_trigger: relative error of the conditioning at the trigger tokens.
-        text_all: relative error over all 77 conditioning tokens.
+        text_all: relative error over all conditioning tokens.
         unet: relative error of the UNet output.
-        leak: isolation, as the share of the other LoRAs' effect on concept i's prompts that
-            the method carries over, at the UNet output: ``⟨merged − own_i, E⟩ / ‖E‖²`` with
-            ``E = Σ_{j≠i} (own_j − base)`` on concept i's prompts. Stacking ≈ 1 (it applies
-            them all), 0 = no bleed.
+        leak: share of the other LoRAs' summed effect that the method's UNet output carries
+            on these prompts (least squares on own and others' effects, ``report.shares``):
+            stacking ≈ 1, averaging n LoRAs ≈ 1/n, 0 = no bleed, < 0 = pushed away.
+    On the joint prompts naming it with another concept, at its own trigger tokens
+    (``report.joint``; NaN for a one-concept merge):
+        joint_text / joint_kv: relative error of the conditioning / the cross-attention keys
+            and values against its LoRA alone on the same prompt (composition fidelity).
+        joint_own: share of its own K/V effect kept there (1 = all).
+        joint_bleed: share of the partner concept's K/V effect landing there (0 = none).
     """
 
     concept: str
@@ -85,6 +95,10 @@ class ConceptScore:
     text_all: float
     unet: float
     leak: float
+    joint_text: float = float("nan")
+    joint_kv: float = float("nan")
+    joint_own: float = float("nan")
+    joint_bleed: float = float("nan")
 
 
 @dataclass
@@ -101,8 +115,10 @@ class MethodScores:
     preservation_unet: float
 
     def mean(self, name: str) -> float:
-        values = [getattr(c, name) for c in self.concepts]
-        return sum(values) / len(values)
+        """Mean of a :class:`ConceptScore` field over the concepts that have it (NaN where
+        none has)."""
+        values = [v for c in self.concepts if (v := getattr(c, name)) == v]
+        return sum(values) / len(values) if values else float("nan")
 
 
 @dataclass
@@ -111,6 +127,7 @@ class QualityReport:
 
     methods: list[MethodScores]
     held_out_templates: list[str] = field(default_factory=lambda: list(HELD_OUT_TEMPLATES))
+    joint_prompts: list[str] = field(default_factory=list)
 
     def method(self, name: str) -> MethodScores:
         return next(m for m in self.methods if m.method == name)
@@ -121,25 +138,27 @@ class QualityReport:
     def table(self) -> str:
         """A plain-text table: one row per method and concept, then the means."""
         head = (
-            f"{'method':<14} {'concept':<18} {'text@trigger':>12} {'text@all':>9} "
-            f"{'unet':>7} {'leak':>7}"
+            f"{'method':<14} {'concept':<18} {'text@trigger':>12} {'unet':>7} {'leak':>7} "
+            f"{'joint kv':>9} {'joint bleed':>11}"
         )
         lines = [head, "-" * len(head)]
         for m in self.methods:
             for c in m.concepts:
                 lines.append(
                     f"{m.method:<14} {c.concept[:18]:<18} {c.text_trigger:>12.3f} "
-                    f"{c.text_all:>9.3f} {c.unet:>7.3f} {c.leak:>7.3f}"
+                    f"{c.unet:>7.3f} {c.leak:>7.3f} {c.joint_kv:>9.3f} {c.joint_bleed:>11.3f}"
                 )
         lines.append("")
         lines.append(
             f"{'method':<14} {'mean text@trig':>14} {'mean unet':>10} {'mean leak':>9} "
-            f"{'base moved (text/unet)':>24}"
+            f"{'joint kv':>9} {'joint bleed':>11} {'base moved (text/unet)':>24}"
         )
         for m in self.methods:
             lines.append(
                 f"{m.method:<14} {m.mean('text_trigger'):>14.3f} {m.mean('unet'):>10.3f} "
-                f"{m.mean('leak'):>9.3f} {m.preservation_text:>11.3f} / {m.preservation_unet:.3f}"
+                f"{m.mean('leak'):>9.3f} {m.mean('joint_kv'):>9.3f} "
+                f"{m.mean('joint_bleed'):>11.3f} "
+                f"{m.preservation_text:>11.3f} / {m.preservation_unet:.3f}"
             )
         return "\n".join(lines)
 
@@ -192,6 +211,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - b).norm() / (b - ref).norm().clamp_min(1e-12))
 
 
+def _leak(out: torch.Tensor, own: torch.Tensor, others: torch.Tensor, base: torch.Tensor) -> float:
+    """The others' share of ``out − base`` next to the concept's own (``report.shares``)."""
+    gram = Gram()
+    gram.add(out - base, own - base, others)
+    return gram.shares().others
+
+
 def evaluate(
     plan: MergePlan,
     host: Host,
@@ -200,11 +226,13 @@ def evaluate(
     least_squares: Deltas,
     progress: Progress,
 ) -> QualityReport:
-    """Score the merge and the baselines on held-out and neutral prompts.
+    """Score the merge and the baselines on held-out and neutral prompts, and on joint
+    prompts naming two concepts together.
 
     Each configuration — the base model, every concept's LoRA alone, every method — runs
     once over all report prompts (batched), so the stage costs :func:`report_work` UNet
-    evaluations at :func:`report_size`, one progress step per configuration.
+    evaluations at :func:`report_size`, one progress step per configuration. The joint
+    measure runs only the text encoders and the K/V projections (one more step).
     """
     methods: dict[str, Deltas] = {"loraclr": merged}
     if least_squares:
@@ -218,7 +246,7 @@ def evaluate(
     gen = torch.Generator().manual_seed(plan.options.seed + 1)
     latents = torch.randn(len(prompts), 4, size // 8, size // 8, generator=gen)
     latents = latents.to(host.device, host.dtype)
-    progress.stage("Measuring quality", 1 + n + len(methods))
+    progress.stage("Measuring quality", 1 + n + len(methods) + 1)
 
     def run(deltas: Deltas) -> _Outputs:
         check_interrupt(progress)
@@ -242,8 +270,7 @@ def evaluate(
         )
         for name, out in outputs.items():
             t_m, t_o, t_b = (x.cond.context[rows][trig] for x in (out, own, base))
-            moved = out.eps[rows] - own.eps[rows]
-            leak = float((moved * bleed).sum() / bleed.pow(2).sum().clamp_min(1e-24))
+            leak = _leak(out.eps[rows], own.eps[rows], bleed, base.eps[rows])
             scores[name].append(
                 ConceptScore(
                     concept=concept.name,
@@ -255,11 +282,32 @@ def evaluate(
                     leak=leak,
                 )
             )
+    joint = evaluate_joint(
+        host,
+        modules,
+        [c.prompt for c in concepts],
+        triggers,
+        [c.deltas for c in concepts],
+        methods,
+        check=lambda: check_interrupt(progress),
+    )
+    progress.advance()
+    for name, per_concept in joint.items():
+        for score, composed in zip(scores[name], per_concept, strict=True):
+            _set_joint(score, composed)
     preservation = _preservation(base, owns, outputs, slice(neutral_start, None))
     return QualityReport(
         [MethodScores(m, scores[m], *preservation[m]) for m in methods],
         held_out_templates=list(HELD_OUT_TEMPLATES[:per]),
+        joint_prompts=list(JOINT_TEMPLATES) if joint else [],
     )
+
+
+def _set_joint(score: ConceptScore, joint: JointScore) -> None:
+    score.joint_text = joint.text
+    score.joint_kv = joint.kv
+    score.joint_own = joint.own
+    score.joint_bleed = joint.bleed
 
 
 def _preservation(

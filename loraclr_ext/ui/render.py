@@ -8,14 +8,48 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
+from loraclr_ext.ui.chart import concept_chart
 from loraclr_ext.ui.service import LoraEntry
 
 REPORT_COLUMNS = (
     ("text_trigger", "text @ trigger"),
     ("unet", "UNet"),
+    ("joint_kv", "joint K/V"),
     ("leak", "leak"),
+    ("joint_bleed", "joint bleed"),
 )
 """Per-method means shown in the report table (lower is better)."""
+
+COLUMN_HELP = (
+    (
+        "text @ trigger",
+        "on held-out prompts naming one concept, how far the text conditioning at its trigger "
+        "words is from that concept's LoRA alone: 0 = the same, 1 = as if the LoRA were off.",
+    ),
+    ("UNet", "the same for the UNet's noise prediction on those prompts."),
+    (
+        "joint K/V",
+        "on prompts naming two concepts together (“A and B in a park”), the same at each "
+        "concept's words in the cross-attention keys and values, against its LoRA alone on "
+        "that prompt: whether each keeps its identity when named beside another.",
+    ),
+    (
+        "leak",
+        "the share of the other LoRAs' effect that shows on a concept's own prompts: "
+        "stacking ≈ 1, averaging n LoRAs ≈ 1/n, 0 = none; below 0 = pushed away from them.",
+    ),
+    (
+        "joint bleed",
+        "the share of the partner concept's effect that lands on a concept's words in the "
+        "two-concept prompts (same scale): the bleeding of faces and outfits into each other.",
+    ),
+    (
+        "base moved",
+        "how far prompts naming no concept move from the base model, in units of one LoRA's "
+        "own effect on them (0 = untouched).",
+    ),
+)
+"""What each report column means, in words, shown under the table."""
 
 
 def lora_table(entries: list[LoraEntry], total: int) -> str:
@@ -57,6 +91,8 @@ def message(text: str, *, error: bool = True) -> str:
 def _bar(value: float, scale: float) -> str:
     """The value over a bar that fills its cell's width in proportion to ``scale`` (the
     column's largest value): the bar is a block inside the cell, so it never overflows."""
+    if value != value:  # NaN: a one-concept merge has no joint measure
+        return "<span class='loraclr-value'>–</span>"
     share = 0.0 if scale <= 0 else max(0.0, min(value / scale, 1.0)) * 100
     return (
         f"<span class='loraclr-value'>{value:.3f}</span>"
@@ -66,8 +102,9 @@ def _bar(value: float, scale: float) -> str:
 
 
 def report_table(report: Any) -> str:
-    """Method × (mean text@trigger error, UNet error, leak, base moved) with a bar under
-    each value, scaled to the largest value of its column (lower is better)."""
+    """Method × (the means of ``REPORT_COLUMNS``, base moved) with a bar under each value,
+    scaled to the largest value of its column (lower is better); every column explained
+    in words under it, then the per-concept plot (``ui.chart``)."""
     columns = [*REPORT_COLUMNS, ("preservation_unet", "base moved")]
     values = {
         m.method: [
@@ -75,20 +112,28 @@ def report_table(report: Any) -> str:
         ]
         for m in report.methods
     }
-    scales = [max((v[i] for v in values.values()), default=1.0) for i in range(len(columns))]
+    scales = [
+        max((v[i] for v in values.values() if v[i] == v[i]), default=1.0)
+        for i in range(len(columns))
+    ]
     head = "".join(f"<th>{escape(label)}</th>" for _, label in columns)
     rows = []
     for method, vals in values.items():
         cells = "".join(f"<td>{_bar(v, s)}</td>" for v, s in zip(vals, scales, strict=True))
         rows.append(f"<tr><th scope='row'>{escape(method)}</th>{cells}</tr>")
+    explained = "".join(
+        f"<dt>{escape(label)}</dt><dd>{escape(text)}</dd>" for label, text in COLUMN_HELP
+    )
     return (
         _scroll(
             f"<table class='loraclr-report'><thead><tr><th>method</th>{head}</tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>"
         )
-        + "<p class='loraclr-note'>Errors relative to each LoRA alone on held-out prompts; "
-        "lower is better. Leak: share of the other LoRAs' effect bleeding into a concept "
-        "(stacking ≈ 1).</p>"
+        + "<p class='loraclr-note'>Means over the concepts; lower is better in every column. "
+        "Stacked and average are the usual ways to combine LoRAs; least squares is the merge "
+        "without its contrastive term.</p>"
+        + f"<dl class='loraclr-help'>{explained}</dl>"
+        + concept_chart(report)
     )
 
 

@@ -62,6 +62,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The merge must outlast several polls of the progress bar (every 500 ms) on any machine:
+# a fast CI machine finished the unpaced tiny merge in 1.5 s, between two polls.
+UNET_CALL_PAUSE_S = 0.4
+
+
+@pytest.fixture
+def paced(webui):
+    """Each UNet call of the fake model waits ``UNET_CALL_PAUSE_S``, so the tiny merge takes
+    seconds however fast the machine is; the hook is removed afterwards."""
+    unet = webui["model"].model.diffusion_model
+    calls = {"n": 0}
+
+    def pause(module, args):
+        calls["n"] += 1
+        time.sleep(UNET_CALL_PAUSE_S)
+
+    handle = unet.register_forward_pre_hook(pause)
+    yield calls
+    handle.remove()
+
+
 @pytest.fixture
 def served(webui):
     """The tab inside a gradio Blocks app as the WebUIs render it (a ``TabItem`` with
@@ -234,7 +255,7 @@ def check_progress_bar_has_its_own_place(page) -> None:
     assert not overlap(box(bar), box(output))
 
 
-def test_tab_in_chromium_merges_and_shows_report(webui, served, page):
+def test_tab_in_chromium_merges_and_shows_report(webui, paced, served, page):
     open_tab(page, served)
     count = page.locator("#loraclr_list .loraclr-count")
     assert count.inner_text() == "5 of 5 LoRAs shown."
@@ -294,6 +315,8 @@ def test_tab_in_chromium_merges_and_shows_report(webui, served, page):
         raise AssertionError("no result; console:\n" + "\n".join(page.console_lines)) from exc
     took = time.monotonic() - started
     assert not page_errors(page), page.console_lines
+    # The pauses alone outlast four polls, whatever the machine's speed.
+    assert paced["n"] * UNET_CALL_PAUSE_S >= 2.0, paced
 
     # The list shows the new file without a restart; the bar is gone.
     expect_text(count, "6 of 6 LoRAs shown.")
@@ -379,6 +402,15 @@ def check_report_fits(result) -> None:
         " return new Set([...r.getClientRects()].map(q => Math.round(q.top))).size; })"
     )
     assert set(lines) == {1}, lines
+    # The per-concept plot: three panels (UNet, joint K/V, joint bleed), each drawn inside
+    # the result panel with a bar per method and concept (two methods' worth at least).
+    charts = result.locator("svg.loraclr-chart")
+    assert charts.count() == 3
+    for i in range(charts.count()):
+        chart = box(charts.nth(i))
+        assert chart["width"] > 100 and inside(chart, panel), (i, chart, panel)
+        assert charts.nth(i).locator("rect").count() >= 2 * 4  # 2 concepts × 4 methods
+    assert result.locator("dl.loraclr-help dt").count() == len(headers.all_inner_texts()) - 1
 
 
 def expect_text(locator, text: str, timeout_ms: int = 30_000) -> None:
