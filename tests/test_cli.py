@@ -11,6 +11,7 @@ import torch
 from loraclr_ext.cli import main
 from loraclr_ext.demo.run import CONCEPTS
 from loraclr_ext.model.architecture import Architecture
+from loraclr_ext.pipeline.options import JOINT_TEMPLATES
 
 
 def run(capsys, *argv):
@@ -42,6 +43,14 @@ def test_merge_writes_lora_sidecar_and_report(sd1_demo, tmp_path, capsys):
         "stacked",
         "average",
     }
+    # The joint measures reach the JSON: two concepts, scored at their words in prompts
+    # naming both; stacking carries nearly all of the partner's effect there.
+    assert report["joint_prompts"] == list(JOINT_TEMPLATES)
+    stacked = next(m for m in report["methods"] if m["method"] == "stacked")
+    for concept in stacked["concepts"]:
+        assert 0.8 < concept["joint_bleed"] < 1.2, concept
+        assert concept["joint_kv"] > 0, concept
+    assert "joint bleed" in stdout
     assert "<lora:duo:1>, sks dog, zwx cat" in stdout
 
 

@@ -52,6 +52,9 @@ def test_merge_beats_stacking_and_averaging_for_every_concept(merged):
         assert mine.unet < stack.unet, mine.concept
         assert mine.unet < avg.unet, mine.concept
         assert mine.leak < stack.leak, mine.concept
+        # Named beside another concept, each keeps its identity better than stacked.
+        assert mine.joint_kv < stack.joint_kv, mine.concept
+        assert mine.joint_bleed < stack.joint_bleed, mine.concept
     assert ours.preservation_unet < stacked.preservation_unet
 
 

@@ -134,3 +134,17 @@ def test_stacking_bleeds_all_and_averaging_half_of_the_partner(two):
         assert average.own == pytest.approx(0.5, abs=0.1)
         assert average.bleed == pytest.approx(0.5, abs=0.1)
         assert stacked.kv > 0.3 and average.kv > 0.3
+
+
+def test_report_json_has_no_nan():
+    """Strict JSON (a browser's JSON.parse, FastAPI's encoder) has no NaN: a measure that
+    does not apply is null."""
+    import json
+
+    from loraclr_ext.report.quality import ConceptScore, MethodScores, QualityReport
+
+    report = QualityReport([MethodScores("loraclr", [ConceptScore("a", 0.1, 0.2, 0.3, 0.4)], 1, 1)])
+    data = report.to_dict()
+    text = json.dumps(data, allow_nan=False)
+    concept = json.loads(text)["methods"][0]["concepts"][0]
+    assert concept["joint_bleed"] is None and concept["text_trigger"] == 0.1

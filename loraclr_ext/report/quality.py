@@ -10,8 +10,10 @@ Shares (leak, bleed) are least-squares coefficients on the concepts' effects
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -133,7 +135,9 @@ class QualityReport:
         return next(m for m in self.methods if m.method == name)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON data; a measure that does not apply (NaN: no joint prompt for one
+        concept, no trigger token of its own) is ``None``, as strict JSON has no NaN."""
+        return _json_safe(asdict(self))
 
     def table(self) -> str:
         """A plain-text table: one row per method and concept, then the means."""
@@ -161,6 +165,16 @@ class QualityReport:
                 f"{m.preservation_text:>11.3f} / {m.preservation_unet:.3f}"
             )
         return "\n".join(lines)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def baselines(plan: MergePlan) -> dict[str, dict[ModuleRef, ModuleDelta]]:
