@@ -55,6 +55,9 @@ class Prefix:
     family: str = ""
 
 
+DIT = "DiT (Flux / SD3 …)"
+"""The family named for DiT layouts that do not say which DiT (read as "x is a DiT … LoRA")."""
+
 PREFIXES: tuple[Prefix, ...] = (
     # kohya-style flat names (notes §1.1)
     Prefix("lora_unet_", "component", "unet", "flat", "kohya / LyCORIS / OneTrainer"),
@@ -64,7 +67,10 @@ PREFIXES: tuple[Prefix, ...] = (
     Prefix("lycoris_", "component", "unet", "flat", "SimpleTuner / LyCORIS wrapper"),
     Prefix("oft_unet_", "component", "unet", "flat", "kohya OFT"),
     Prefix("lora_te3_", "foreign", None, "flat", "kohya (T5)", "Flux or SD3 (T5 encoder)"),
-    Prefix("lora_transformer_", "foreign", None, "flat", "OneTrainer", "a DiT (Flux / SD3 …)"),
+    Prefix("lora_transformer_", "foreign", None, "flat", "OneTrainer", DIT),
+    # SimpleTuner's LyCORIS wrapper on a DiT: the wrapped module's own paths start with
+    # transformer_blocks (a UNet's never do)
+    Prefix("lycoris_transformer_", "foreign", None, "flat", "SimpleTuner / LyCORIS", DIT),
     Prefix("lora_prior_unet_", "foreign", None, "flat", "Stable Cascade", "Stable Cascade"),
     Prefix("lora_prior_te_", "foreign", None, "flat", "Stable Cascade", "Stable Cascade"),
     # dotted names (notes §1.2)
@@ -81,7 +87,7 @@ PREFIXES: tuple[Prefix, ...] = (
     Prefix("model.diffusion_model.", "component", "unet", "dotted", "checkpoint-style names"),
     Prefix("diffusion_model.", "component", "unet", "dotted", "OneTrainer COMFY / ComfyUI"),
     Prefix("base_model.model.", "component", None, "dotted", "raw PEFT save_pretrained"),
-    Prefix("transformer.", "foreign", None, "dotted", "diffusers DiT", "a DiT (Flux / SD3 …)"),
+    Prefix("transformer.", "foreign", None, "dotted", "diffusers DiT", DIT),
     Prefix("text_encoder_3.", "foreign", None, "dotted", "diffusers SD3", "SD3 (T5 encoder)"),
     Prefix("text_encoders.t5xxl.", "foreign", None, "dotted", "ComfyUI", "Flux or SD3 (T5)"),
     Prefix("bundle_emb.", "embedding", None, "dotted", "LyCORIS pack_bundle / OneTrainer"),
@@ -100,7 +106,7 @@ FOREIGN_BODIES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?:^|[._])(?:double_blocks|single_blocks)[._]\d"), "Flux"),
     (re.compile(r"single_transformer_blocks"), "Flux"),
     (re.compile(r"(?:^|[._])joint_blocks[._]\d"), "SD3"),
-    (re.compile(r"(?:^|[._])context_embedder|(?:^|[._])x_embedder"), "a DiT (Flux / SD3)"),
+    (re.compile(r"(?:^|[._])context_embedder|(?:^|[._])x_embedder"), DIT),
     (re.compile(r"transformer_blocks[._]\d+[._](?:attn[._]add_[qkv]_proj|ff_context)"), "SD3"),
 )
 """Module bodies only other families have (notes §5.2)."""
