@@ -28,9 +28,14 @@ class ToyWorldSettings:
     base: BaseSettings = field(default_factory=BaseSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
-    def key(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+    def keys(self) -> tuple[str, str]:
+        """Folder names: of the base model's settings, and of the LoRAs' (which depend on
+        the base too, as they sit below its folder)."""
+        return _key(asdict(self.base)), _key(asdict(self.lora))
+
+
+def _key(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -60,17 +65,24 @@ def build_toy_world(
     from loraclr_ext.hosts.standalone import StandaloneHost
 
     settings = settings or ToyWorldSettings()
-    folder = Path(cache) / settings.key()
+    base_key, lora_key = settings.keys()
+    model = Path(cache) / base_key / "model"
+    folder = Path(cache) / base_key / lora_key
     stamp = folder / STAMP
     if stamp.is_file():
         data = json.loads(stamp.read_text())
-        loras = {k: folder / v for k, v in data["loras"].items()}
-        return ToyWorldFiles(folder / data["model"], loras, data["seconds"])
+        found = {k: folder / v for k, v in data["loras"].items()}
+        return ToyWorldFiles(model, found, data["seconds"])
     folder.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
+    base_stamp = model.parent / STAMP
     with threads(1):
-        pipe, seconds["base"] = train_base(settings.base, log=log)
-        model = save_model(pipe, folder / "model")
+        if base_stamp.is_file():
+            seconds["base"] = json.loads(base_stamp.read_text())["seconds"]
+        else:
+            pipe, seconds["base"] = train_base(settings.base, log=log)
+            save_model(pipe, model)
+            base_stamp.write_text(json.dumps({"seconds": round(seconds["base"], 1)}))
         host = StandaloneHost.load(model, "cpu")
         world = build_world(settings.base.seed)
         loras: dict[str, Path] = {}
@@ -87,7 +99,6 @@ def build_toy_world(
                 print(f"LoRA '{concept.prompt}': {seconds[concept.trigger]} s")
     seconds["base"] = round(seconds["base"], 1)
     data = {
-        "model": "model",
         "loras": {k: p.name for k, p in loras.items()},
         "seconds": seconds,
         "settings": asdict(settings),

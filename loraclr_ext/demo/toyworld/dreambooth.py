@@ -40,10 +40,10 @@ class LoraSettings:
     ``grid`` and ``x0_weight`` as in :class:`~loraclr_ext.demo.toyworld.train.BaseSettings`.
     """
 
-    rank: int = 4
-    steps: int = 80
+    rank: int = 8
+    steps: int = 300
     batch: int = 6
-    lr: float = 2e-3
+    lr: float = 2e-2
     instances: int = 8
     repeats: int = 10
     class_images: int = 32
@@ -78,9 +78,7 @@ def trainable(
     """Add ``up(down(x))`` to each module's output with gradients on (``pipeline.hooks``
     applies fixed deltas without them)."""
     handles = [
-        modules[ref].register_forward_hook(
-            lambda mod, args, out, f=f: out + f(args[0])  # type: ignore[misc]
-        )
+        modules[ref].register_forward_hook(lambda mod, args, out, f=f: out + f(args[0]))
         for ref, f in factors.items()
     ]
     try:

@@ -28,6 +28,7 @@ from loraclr_ext.demo.toyworld.world import (
     concept_object,
     render_object,
     render_scene,
+    scene_prompt,
     slot,
 )
 from loraclr_ext.hosts.base import Host
@@ -177,3 +178,25 @@ def rendered_check(world: World, protos: Prototypes, seed: int = 1) -> Recogniti
     scenes = recognition_scenes(30, seed)
     latents = torch.stack([render_scene(world, list(s), g)[None] for s in scenes])
     return recognition(protos, latents, scenes)
+
+
+def denoised_recognition(
+    host: Host,
+    world: World,
+    protos: Prototypes,
+    timestep: int,
+    alphas_cumprod: torch.Tensor,
+    seed: int = 5,
+) -> Recognition:
+    """Recognition of the model's one-step ``x0`` estimate from rendered scenes noised to
+    ``timestep``: how well the model knows the world when the noise leaves it a start."""
+    g = torch.Generator().manual_seed(seed)
+    scenes = recognition_scenes(30, seed)
+    x0 = torch.stack([render_scene(world, list(s), g) for s in scenes])
+    a = alphas_cumprod[timestep].float()
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        cond = host.encode([scene_prompt(list(s)) for s in scenes])
+        eps = host.predict_noise(xt, timestep, cond).float().cpu()
+    estimate = (xt - (1 - a).sqrt() * eps) / a.sqrt()
+    return recognition(protos, estimate[:, None], scenes)
