@@ -8,6 +8,8 @@
 #                          tier again on Python 3.10, then the WebUI tests under gradio 3.41.2
 #                          and 4.40.0 (extra ARGS go to every pytest run)
 #   ./dev.sh fast [ARGS]   lint, type check and the fast tier only (a few minutes)
+#   ./dev.sh toyworld      the toy world's identity tests (trains it first: ~20 CPU minutes;
+#                          LORACLR_TOYWORLD_CACHE=DIR reuses a built one)
 #   ./dev.sh bench         solver benchmark, then the whole-pipeline one
 #
 # Environment: PYTHON (default python3), PYTHON310 (a Python 3.10; found under pyenv or on
@@ -95,7 +97,7 @@ case "${1:-}" in
         install "$PY" test
         checks "$PY"
         timed "fast tier" "$PY" -m pytest -m "not slow" "$@"
-        timed "slow tier" "$PY" -m pytest -m slow "$@"
+        timed "slow tier" "$PY" -m pytest -m "slow and not toyworld" "$@"
         PY310=$(find_python310)
         if [ -n "$PY310" ]; then
             VENV310=$(make_venv .venv310 "$PY310")
@@ -110,6 +112,12 @@ case "${1:-}" in
         # The WebUI tab under gradio 3.41.2 and 4.40.0 (numpy 1.x), each in its own venv.
         PYTHON="${PYTHON:-python3}" timed "WebUI tier" .ci/run-ui "$@"
         ;;
+    toyworld)
+        shift
+        PY=$(python_env)
+        install "$PY" test
+        timed "toy world" "$PY" -m pytest -m toyworld "$@"
+        ;;
     bench)
         PY=$(python_env)
         install "$PY" standalone
@@ -117,7 +125,7 @@ case "${1:-}" in
         "$PY" -m bench.pipeline
         ;;
     *)
-        echo "usage: ./dev.sh demo | test [pytest args] | fast [pytest args] | bench" >&2
+        echo "usage: ./dev.sh demo | test [pytest args] | fast [pytest args] | toyworld | bench" >&2
         exit 2
         ;;
 esac

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # trains a model and four LoRAs, runs whole merges
+# Trains a model and four LoRAs, runs whole merges. Kept out of `./dev.sh test` (CI): the
+# build takes ~20 CPU minutes here, and several bounds sit within a few hundredths of the
+# measured values, which a different CPU's float rounding during training can move.
+pytestmark = [pytest.mark.slow, pytest.mark.toyworld]
 
 DENOISE_BOUND = 0.9
 """Measured 0.99 (class and colour of both slots from scenes noised to t = 333)."""
