@@ -354,3 +354,15 @@ def test_generation_after_a_failed_first_merge_is_unchanged(forge, tiny, monkeyp
     image = forge.model.generate("a photo of a house")  # raised here on a real Forge
     assert image == fresh_forge_image(tiny["pipe"])
     assert "injected failure while solving" in str(failed.value)  # not a guard's error
+
+
+def test_first_merge_unloads_what_it_loaded(forge):
+    """A real Forge, merged before any generation, kept the merge's clean patchers in
+    ``memory_management.current_loaded_models`` (nothing was loaded before): the merge
+    must leave the memory manager holding what it held, and the UNet weights as found."""
+    model = loaded(forge)  # what the merge's forge_model_reload() builds
+    assert forge.memory.current_loaded_models == []
+    unet_before = host_state(model, forge.memory)[2]
+    merge(forge, "first")
+    assert forge.memory.current_loaded_models == []
+    assert host_state(model, forge.memory)[2] == unet_before

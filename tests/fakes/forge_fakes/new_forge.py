@@ -175,7 +175,18 @@ class ForgeObjects:
 
 @dataclass
 class LoadedModel:
+    """``memory_management.LoadedModel``: a loaded patcher; ``model_unload`` undoes its
+    object patches and, unless ``avoid_model_moving``, moves the model to the patcher's
+    offload device (§2.7)."""
+
     model: Any  # the patcher
+    unloads: int = 0
+
+    def model_unload(self, avoid_model_moving: bool = False) -> None:
+        self.unloads += 1
+        if not avoid_model_moving:
+            self.model.model.to(self.model.offload_device)
+            self.model.current_device = self.model.offload_device
 
 
 class MemoryManagement:
