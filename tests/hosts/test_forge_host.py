@@ -366,3 +366,25 @@ def test_first_merge_unloads_what_it_loaded(forge):
     merge(forge, "first")
     assert forge.memory.current_loaded_models == []
     assert host_state(model, forge.memory)[2] == unet_before
+
+
+def test_no_checkpoint_at_all_is_said_in_one_line(forge):
+    """A real Forge with no checkpoint file answered a merge with "Unexpected error": its
+    ``forge_model_reload`` raises ``ValueError('You do not have any model! …')``. The merge
+    must say there is no checkpoint, in one line, with HTTP 409, and write nothing."""
+    from forge_fakes.new_forge import FakeSdModels
+
+    from loraclr_ext.errors import NoModelError
+    from loraclr_ext.ui.api import status_code
+    from loraclr_ext.ui.service import user_message
+
+    forge.ctx.sd_models = FakeSdModels(lambda: None, checkpoint=False)
+    files = sorted(p.name for p in forge.dir.rglob("*"))
+    for _ in range(2):  # the second try meets sd_model None (Forge dropped the placeholder)
+        with pytest.raises(NoModelError) as refused:
+            merge(forge, "nothing")
+        message = user_message(refused.value)
+        assert message.startswith("No checkpoint found: put") and "\n" not in message
+        assert status_code(refused.value) == 409
+    assert forge.ctx.sd_models.reloads == 0  # refused before asking Forge to load
+    assert sorted(p.name for p in forge.dir.rglob("*")) == files
