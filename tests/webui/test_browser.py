@@ -439,3 +439,16 @@ def test_lora_list_usable_column_stays_on_one_line(webui, served, page, width):
         assert inside(box(reason), box(table)) and box(reason)["width"] > box(table)["width"] / 2
         assert reason.evaluate("e => e.scrollWidth <= e.clientWidth + 1")  # not clipped
     check_fits_or_scrolls(scroller)
+
+
+def test_page_load_lists_files_added_since_start(webui, served, page):
+    """The tab is built once at WebUI start-up; a real Forge's freshly opened page still
+    said "4 of 4 LoRAs shown" with 7 files in the folder (merged over the REST API since).
+    Opening the page lists what the folder holds now, and offers it for ticking."""
+    import shutil
+
+    shutil.copy(webui["dir"] / "sks_dog.safetensors", webui["dir"] / "late_dog.safetensors")
+    open_tab(page, served)
+    expect_text(page.locator("#loraclr_list .loraclr-count"), "6 of 6 LoRAs shown.")
+    tick(page, "loraclr_select", "late_dog")
+    assert not page_errors(page), page.console_lines
