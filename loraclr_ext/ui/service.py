@@ -301,7 +301,7 @@ class WebuiContext:
                 snapshot.finished, snapshot.outcome = time.time(), outcome
                 if outcome.startswith("wrote"):
                     snapshot.stage, snapshot.fraction = "done", 1.0
-        self.refresh_networks()
+        self.refresh_networks(written=out.stem)
         return result
 
     def status(self) -> dict[str, Any]:
@@ -322,13 +322,14 @@ class WebuiContext:
             self._last.stage = "interrupting"
             return True
 
-    def refresh_networks(self) -> None:
+    def refresh_networks(self, written: str | None = None) -> None:
         """Let the built-in Lora extension see the new file (dossier Appendix B.8); on
         Forge / reForge also drop the cached state dicts and LoRA hash, so a file
-        rewritten under the same name is read again (forge.md §4)."""
+        rewritten under the same name is read again (forge.md §4); on A1111 the layers
+        carrying ``written`` (the stem just written) are applied again."""
         if self.networks is not None and hasattr(self.networks, "list_available_networks"):
             self.networks.list_available_networks()
-        forget_cached_loras(self.model(load=False), self.networks)
+        forget_cached_loras(self.model(load=False), self.networks, written)
 
 
 def parse_options(ctx: WebuiContext, values: dict[str, Any]) -> MergeOptions:
