@@ -53,26 +53,38 @@ COLUMN_HELP = (
 
 
 def lora_table(entries: list[LoraEntry], total: int) -> str:
-    """The LoRA list: file, architecture, format, rank, triggers; incompatible ones greyed
-    out with the reason (they are not offered in the selector)."""
+    """The LoRA list: file, architecture, format, rank, triggers and a one-character
+    "usable" mark; an incompatible LoRA is greyed out (it is not offered in the selector)
+    and its reason takes a row of its own under it, across the whole table, so a long
+    reason (it names the file's path) neither squeezes nor wraps the mark's column."""
     if not entries:
         return f"<p class='loraclr-empty'>No LoRA matches ({total} in the Lora folder).</p>"
     rows = []
     for e in entries:
-        status = "✔" if e.usable else f"✖ {escape(e.reason or '')}"
         cls = "loraclr-ok" if e.usable else "loraclr-incompatible"
+        mark = "✔" if e.usable else "✖"
         rows.append(
             f"<tr class='{cls}'><td>{escape(e.file)}</td><td>{escape(e.architecture)}</td>"
             f"<td>{escape(e.format)}</td><td>{e.rank if e.rank is not None else '–'}</td>"
-            f"<td>{escape(', '.join(e.triggers))}</td><td>{status}</td></tr>"
+            f"<td>{escape(', '.join(e.triggers))}</td>"
+            f"<td class='loraclr-usable'>{mark}</td></tr>"
         )
-    head = (
-        "<tr><th>file</th><th>architecture</th><th>format</th><th>rank</th>"
-        "<th>triggers</th><th>usable</th></tr>"
+        if not e.usable:
+            rows.append(
+                f"<tr class='loraclr-reason'><td colspan='{len(LIST_COLUMNS)}'>"
+                f"{escape(e.reason or '')}</td></tr>"
+            )
+    head = "".join(
+        f"<th class='loraclr-usable'>{c}</th>" if c == "usable" else f"<th>{c}</th>"
+        for c in LIST_COLUMNS
     )
     note = f"<p class='loraclr-count'>{len(entries)} of {total} LoRAs shown.</p>"
-    table = f"<table class='loraclr-list'>{head}{''.join(rows)}</table>"
+    table = f"<table class='loraclr-list'><tr>{head}</tr>{''.join(rows)}</table>"
     return f"{note}{_scroll(table)}"
+
+
+LIST_COLUMNS = ("file", "architecture", "format", "rank", "triggers", "usable")
+"""The LoRA list's column headings."""
 
 
 PROGRESS_AREA = (

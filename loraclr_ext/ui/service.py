@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from loraclr_ext.errors import InvalidInputError, LoraClrError
+from loraclr_ext.errors import InvalidInputError, LoraClrError, NoModelError
 from loraclr_ext.files.triggers import Triggers
-from loraclr_ext.hosts.webui.detect import model_architecture
+from loraclr_ext.hosts.webui.detect import is_loaded, model_architecture
 from loraclr_ext.hosts.webui.make import forget_cached_loras
 from loraclr_ext.model.architecture import Architecture
 from loraclr_ext.pipeline.options import ConceptSpec, MergeOptions
@@ -26,6 +26,10 @@ from loraclr_ext.ui.progress import Snapshot, StateProgress
 
 log = logging.getLogger("loraclr")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+NO_CHECKPOINT_FILE = (
+    "No checkpoint found: put an SD 1.x, SD 2.x or SDXL checkpoint in models/Stable-diffusion, "
+    "pick it in the checkpoint menu, then merge."
+)
 SETTINGS = {
     # setting key -> (MergeOptions field or None, label)
     "loraclr_default_rank": ("rank", "Default target rank (0 = exact)"),
@@ -160,6 +164,9 @@ class WebuiContext:
         data = self.sd_models.model_data
         if not load:
             return data.sd_model
+        if not is_loaded(data.sd_model) and self.no_checkpoint_file():
+            # Forge's reload raises a ValueError then, A1111's load prints a traceback.
+            raise NoModelError(NO_CHECKPOINT_FILE)
         reload = getattr(self.sd_models, "forge_model_reload", None)
         if callable(reload):
             reload()
@@ -173,7 +180,24 @@ class WebuiContext:
             with lock:
                 pass
             model = data.sd_model
+        if not is_loaded(model) and self.no_checkpoint_file():
+            raise NoModelError(NO_CHECKPOINT_FILE)
         return model
+
+    def no_checkpoint_file(self) -> bool:
+        """The WebUI found no checkpoint file to load: its ``sd_models.checkpoints_list``
+        is empty, or Forge selected none (``forge_loading_parameters["checkpoint_info"]``
+        is ``None``, which its ``forge_model_reload`` answers with a ``ValueError``)."""
+        listing = getattr(self.sd_models, "checkpoints_list", None)
+        if isinstance(listing, dict) and not listing:
+            return True
+        data = getattr(self.sd_models, "model_data", None)
+        params = getattr(data, "forge_loading_parameters", None)
+        return (
+            isinstance(params, dict)
+            and "checkpoint_info" in params
+            and (params["checkpoint_info"] is None)
+        )
 
     def model_architecture(self) -> Architecture | None:
         """The loaded model's architecture, for greying out LoRAs; ``None`` when unknown.
@@ -277,7 +301,7 @@ class WebuiContext:
                 snapshot.finished, snapshot.outcome = time.time(), outcome
                 if outcome.startswith("wrote"):
                     snapshot.stage, snapshot.fraction = "done", 1.0
-        self.refresh_networks()
+        self.refresh_networks(written=out.stem)
         return result
 
     def status(self) -> dict[str, Any]:
@@ -298,13 +322,14 @@ class WebuiContext:
             self._last.stage = "interrupting"
             return True
 
-    def refresh_networks(self) -> None:
+    def refresh_networks(self, written: str | None = None) -> None:
         """Let the built-in Lora extension see the new file (dossier Appendix B.8); on
         Forge / reForge also drop the cached state dicts and LoRA hash, so a file
-        rewritten under the same name is read again (forge.md §4)."""
+        rewritten under the same name is read again (forge.md §4); on A1111 the layers
+        carrying ``written`` (the stem just written) are applied again."""
         if self.networks is not None and hasattr(self.networks, "list_available_networks"):
             self.networks.list_available_networks()
-        forget_cached_loras(self.model(load=False), self.networks)
+        forget_cached_loras(self.model(load=False), self.networks, written)
 
 
 def parse_options(ctx: WebuiContext, values: dict[str, Any]) -> MergeOptions:

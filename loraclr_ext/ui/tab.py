@@ -51,6 +51,16 @@ class TabHandlers:
         kept = [name for name in selected or [] if name in choices]
         return self.list_html(query), gr.update(choices=choices, value=kept)
 
+    def on_page_load(self, query: str = "", selected: list[str] | None = None) -> tuple[str, Any]:
+        """The list as the folder holds it now, when a browser opens the page: the tab is
+        built once at start-up, and files added since (a REST merge, a download) were
+        missing until a restart. A plain rescan: the WebUI's own caches are left alone."""
+        import gradio as gr
+
+        choices = self.choices()
+        kept = [name for name in selected or [] if name in choices]
+        return self.list_html(query), gr.update(choices=choices, value=kept)
+
     def select(self, selected: list[str] | None, rows: Any) -> list[list[Any]]:
         """Concept rows for the selection: kept rows keep their edits, new rows get the
         LoRA's triggers as prompt and strength 1 (top tags that another selected LoRA
@@ -237,6 +247,7 @@ def create_tab(ctx: WebuiContext) -> tuple[Any, TabHandlers]:
                         interactive=False,
                     )
 
+        tab.load(h.on_page_load, inputs=[search, selector], outputs=[table, selector], queue=False)
         search.change(h.list_html, inputs=[search], outputs=[table], queue=False)
         refresh.click(h.refresh, inputs=[search, selector], outputs=[table, selector])
         # Outside the queue, like the search box: a cheap update that must not wait

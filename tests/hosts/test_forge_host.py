@@ -354,3 +354,37 @@ def test_generation_after_a_failed_first_merge_is_unchanged(forge, tiny, monkeyp
     image = forge.model.generate("a photo of a house")  # raised here on a real Forge
     assert image == fresh_forge_image(tiny["pipe"])
     assert "injected failure while solving" in str(failed.value)  # not a guard's error
+
+
+def test_first_merge_unloads_what_it_loaded(forge):
+    """A real Forge, merged before any generation, kept the merge's clean patchers in
+    ``memory_management.current_loaded_models`` (nothing was loaded before): the merge
+    must leave the memory manager holding what it held, and the UNet weights as found."""
+    model = loaded(forge)  # what the merge's forge_model_reload() builds
+    assert forge.memory.current_loaded_models == []
+    unet_before = host_state(model, forge.memory)[2]
+    merge(forge, "first")
+    assert forge.memory.current_loaded_models == []
+    assert host_state(model, forge.memory)[2] == unet_before
+
+
+def test_no_checkpoint_at_all_is_said_in_one_line(forge):
+    """A real Forge with no checkpoint file answered a merge with "Unexpected error": its
+    ``forge_model_reload`` raises ``ValueError('You do not have any model! …')``. The merge
+    must say there is no checkpoint, in one line, with HTTP 409, and write nothing."""
+    from forge_fakes.new_forge import FakeSdModels
+
+    from loraclr_ext.errors import NoModelError
+    from loraclr_ext.ui.api import status_code
+    from loraclr_ext.ui.service import user_message
+
+    forge.ctx.sd_models = FakeSdModels(lambda: None, checkpoint=False)
+    files = sorted(p.name for p in forge.dir.rglob("*"))
+    for _ in range(2):  # the second try meets sd_model None (Forge dropped the placeholder)
+        with pytest.raises(NoModelError) as refused:
+            merge(forge, "nothing")
+        message = user_message(refused.value)
+        assert message.startswith("No checkpoint found: put") and "\n" not in message
+        assert status_code(refused.value) == 409
+    assert forge.ctx.sd_models.reloads == 0  # refused before asking Forge to load
+    assert sorted(p.name for p in forge.dir.rglob("*")) == files

@@ -13,6 +13,8 @@ started with ``--api`` and this extension installed. Environment:
 
 Run it right after starting the WebUI, so the first test meets the checkpoint still loading
 (A1111) or not yet loaded (Forge): ``pytest tests/live -p no:cacheprovider -v``.
+``test_live_tab.py`` drives the tab in headless ``/usr/bin/chromium`` and needs a Python with
+the ``playwright`` package (skipped otherwise); ``LORACLR_LIVE_NAME`` names its screenshots.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ def test_no_checkpoint_is_409(client, webui):
     sd_models.model_data.sd_model = None
     response = client.post("/loraclr/v1/merge", json={"loras": LORAS, **FAST})
     assert response.status_code == 409
-    assert "No checkpoint is loaded" in response.json()["detail"]
+    assert response.json()["detail"].startswith("No checkpoint found: put")
 
 
 def test_api_auth_is_honoured(webui):

@@ -435,3 +435,52 @@ def expect_enabled(locator, timeout_ms: int = 10_000) -> None:
     from playwright.sync_api import expect
 
     expect(locator).to_be_enabled(timeout=timeout_ms)
+
+
+def text_lines(cell) -> int:
+    """How many lines a cell's text takes (distinct line boxes of its contents)."""
+    return cell.evaluate(
+        """e => { const r = document.createRange(); r.selectNodeContents(e);
+        return new Set([...r.getClientRects()].filter(b => b.width > 0)
+            .map(b => Math.round(b.top))).size; }"""
+    )
+
+
+@pytest.mark.parametrize("width", [1400, 900])
+def test_lora_list_usable_column_stays_on_one_line(webui, served, page, width):
+    """In the real WebUIs the list's "usable" column wrapped: it held the reason of an
+    unusable LoRA (a sentence with the file's path), so it was tall, squeezed and cut off
+    at the column's edge. The header and every mark keep one line; each reason shows whole,
+    in its own row across the table (which fits its column or scrolls)."""
+    page.set_viewport_size({"width": width, "height": 1000})
+    open_tab(page, served)
+    shot(page, f"_list_{width}", full_page=False)
+    table = page.locator("#loraclr_list table.loraclr-list").first
+    marks = table.locator("tr:not(.loraclr-reason) > :last-child")
+    seen = [
+        (marks.nth(i).inner_text().strip(), text_lines(marks.nth(i))) for i in range(marks.count())
+    ]
+    assert {text for text, _ in seen} == {"usable", "✔", "✖"}, seen
+    assert all(lines == 1 for _, lines in seen), seen
+    scroller = page.locator("#loraclr_list .loraclr-scroll").first
+    reasons = table.locator("tr.loraclr-reason td")
+    assert reasons.count() == 2
+    for i in range(reasons.count()):
+        assert "safetensors" in reasons.nth(i).inner_text()
+        reason = reasons.nth(i)
+        assert inside(box(reason), box(table)) and box(reason)["width"] > box(table)["width"] / 2
+        assert reason.evaluate("e => e.scrollWidth <= e.clientWidth + 1")  # not clipped
+    check_fits_or_scrolls(scroller)
+
+
+def test_page_load_lists_files_added_since_start(webui, served, page):
+    """The tab is built once at WebUI start-up; a real Forge's freshly opened page still
+    said "4 of 4 LoRAs shown" with 7 files in the folder (merged over the REST API since).
+    Opening the page lists what the folder holds now, and offers it for ticking."""
+    import shutil
+
+    shutil.copy(webui["dir"] / "sks_dog.safetensors", webui["dir"] / "late_dog.safetensors")
+    open_tab(page, served)
+    expect_text(page.locator("#loraclr_list .loraclr-count"), "6 of 6 LoRAs shown.")
+    tick(page, "loraclr_select", "late_dog")
+    assert not page_errors(page), page.console_lines

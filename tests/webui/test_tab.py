@@ -191,13 +191,13 @@ def test_bad_input_message_and_nothing_written(webui, case, rows, opts, expected
     assert webui["model"].apply_calls == 0
 
 
-def test_no_checkpoint_loaded(webui):
+def test_no_checkpoint_file(webui):
     from modules import sd_models
 
     sd_models.model_data.sd_model = None
     files = snapshot(webui["dir"])
     _, html = run(webui["ctx"], ROWS)
-    assert "No checkpoint is loaded" in html
+    assert "No checkpoint found: put" in html
     assert snapshot(webui["dir"]) == files
 
 

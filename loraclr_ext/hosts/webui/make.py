@@ -56,14 +56,20 @@ def make_host(sd_model: Any, ctx: Any) -> Host:
     return A1111Host(sd_model, ctx.devices, networks)
 
 
-def forget_cached_loras(sd_model: Any, networks: Any) -> None:
-    """Make a Forge-family WebUI re-read a LoRA file rewritten under the same name.
+def forget_cached_loras(sd_model: Any, networks: Any, written: str | None = None) -> None:
+    """Make the WebUI re-read and re-apply a LoRA file rewritten under the same name.
 
     Forge and reForge cache LoRA state dicts by file name (``networks.load_lora_state_dict``
     is an ``lru_cache``) and skip reloading when ``sd_model.current_lora_hash`` equals the
-    prompt's LoRA list (forge.md §4); A1111 reloads by file mtime and needs nothing.
+    prompt's LoRA list (forge.md §4). A1111 reloads the file by mtime but re-applies it to a
+    layer only when the layer's ``network_current_names`` differ from the prompt's set, so
+    the layers carrying ``written`` (the file stem just written) are marked stale.
     """
-    if sd_model is None or not host_kind(sd_model).forge_family:
+    if sd_model is None:
+        return
+    if not host_kind(sd_model).forge_family:
+        if written:
+            _mark_a1111_layers_stale(sd_model, written)
         return
     cache = getattr(networks, "load_lora_state_dict", None)
     if cache is not None and hasattr(cache, "cache_clear"):
@@ -89,3 +95,13 @@ def _invalidate_merged_patches(sd_model: Any) -> None:
         loader = getattr(patcher, "lora_loader", None)
         if loader is not None and hasattr(loader, "loaded_hash"):
             loader.loaded_hash = STALE_PATCHES
+
+
+def _mark_a1111_layers_stale(sd_model: Any, written: str) -> None:
+    """Give every layer whose applied set names ``written`` a set no prompt has: A1111's
+    next ``network_apply_weights`` then restores the layer from its backup and applies
+    what the prompt wants (the new file, or nothing). Weights are not touched here."""
+    for module in getattr(sd_model, "network_layer_mapping", {}).values():
+        names = getattr(module, "network_current_names", ())
+        if any(isinstance(n, tuple) and n and n[0] == written for n in names):
+            module.network_current_names = ((STALE_PATCHES, 0.0, 0.0, None),)

@@ -24,6 +24,7 @@ schedule, the dtypes and the tokenizer. Reading packed / fp8 storage is in
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -339,6 +340,28 @@ class PatcherHost:
 
         return sorted(chosen, key=age, reverse=True)
 
+    def _loaded_patchers(self) -> list[Any]:
+        """The patchers the memory manager holds as loaded, most recent first."""
+        entries = list(getattr(self.memory, "current_loaded_models", []))
+        return [getattr(entry, "model", None) for entry in entries]
+
+    def _unload_new(self, held: list[Any], devices: dict[int, torch.device | None]) -> None:
+        """Unload, through the memory manager's own ``LoadedModel.model_unload``, every
+        patcher loaded now that was not loaded before the merge. A real Forge merged
+        before its first generation (nothing loaded) kept the clean patchers loaded.
+        A model found on another device than now goes back to the patcher's offload
+        device (Forge's plain unload); one found where it is stays there."""
+        loaded = getattr(self.memory, "current_loaded_models", None)
+        if not isinstance(loaded, list):
+            return
+        for index in range(len(loaded) - 1, -1, -1):
+            patcher = getattr(loaded[index], "model", None)
+            if any(patcher is p for p in held):
+                continue
+            entry = loaded.pop(index)
+            moved = devices.get(id(patcher)) not in (None, _model_device(patcher))
+            _model_unload(entry, keep_device=not moved)
+
     @contextmanager
     def clean_weights(self) -> Iterator[None]:
         """Load the clean original patchers (restores LoRA-merged weights), point
@@ -352,6 +375,8 @@ class PatcherHost:
         before = [weights_fingerprint(m) for m in models]
         previous = self.sd_model.forge_objects
         reload = self._reload_after(previous)
+        held = self._loaded_patchers()
+        devices = {id(p): _model_device(p) for p in self._patchers()}
         stale = [p for p in reload if out_of_step(p)]
         if stale:
             log.info(
@@ -369,6 +394,7 @@ class PatcherHost:
             try:
                 with self.host_mode():
                     self.memory.load_models_gpu(reload)
+                    self._unload_new(held, devices)
             finally:
                 self.sd_model.forge_objects = previous
             changed = [
@@ -376,7 +402,13 @@ class PatcherHost:
                 for m in changed_weights(models, before)
                 if not any(_inside(m, p.model) for p in stale)
             ]
-            changed += [type(p.model).__name__ for p in stale if out_of_step(p)]
+            # A patcher unloaded again (not loaded before the merge) defines no weights.
+            still = self._loaded_patchers()
+            changed += [
+                type(p.model).__name__
+                for p in stale
+                if out_of_step(p) and any(p is q for q in still)
+            ]
             if changed:
                 raise LoraClrError(
                     f"Weights of {', '.join(changed)} changed during the merge; generate once "
@@ -401,6 +433,32 @@ def out_of_step(patcher: Any) -> bool:
     ):
         return False
     return model.current_weight_patches_uuid != patcher.patches_uuid
+
+
+def _model_device(patcher: Any) -> torch.device | None:
+    """Where a patcher's model keeps its first parameter (``None``: no parameters)."""
+    model = getattr(patcher, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        return None
+    first = next(model.parameters(), None)
+    return None if first is None else first.device
+
+
+def _model_unload(entry: Any, *, keep_device: bool) -> None:
+    """``entry.model_unload`` as each WebUI spells it: new Forge
+    ``model_unload(avoid_model_moving=False)``, reForge's ldm_patched
+    ``model_unload(memory_to_free=None, unpatch_weights=True)``."""
+    unload = getattr(entry, "model_unload", None)
+    if not callable(unload):
+        return
+    try:
+        parameters = inspect.signature(unload).parameters
+    except (TypeError, ValueError):
+        parameters = {}  # type: ignore[assignment]
+    if "avoid_model_moving" in parameters:
+        unload(avoid_model_moving=keep_device)
+    else:
+        unload()
 
 
 def _inside(module: torch.nn.Module, root: Any) -> bool:

@@ -175,7 +175,18 @@ class ForgeObjects:
 
 @dataclass
 class LoadedModel:
+    """``memory_management.LoadedModel``: a loaded patcher; ``model_unload`` undoes its
+    object patches and, unless ``avoid_model_moving``, moves the model to the patcher's
+    offload device (§2.7)."""
+
     model: Any  # the patcher
+    unloads: int = 0
+
+    def model_unload(self, avoid_model_moving: bool = False) -> None:
+        self.unloads += 1
+        if not avoid_model_moving:
+            self.model.model.to(self.model.offload_device)
+            self.model.current_device = self.model.offload_device
 
 
 class MemoryManagement:
@@ -321,12 +332,19 @@ class FakeInitialModel:
 
 
 class FakeSdModels:
-    """``modules.sd_models`` on Forge: ``model_data`` and ``forge_model_reload``."""
+    """``modules.sd_models`` on Forge: ``model_data``, ``checkpoints_list`` and
+    ``forge_model_reload``. ``checkpoint=False`` is a Forge with no checkpoint file at all:
+    ``select_checkpoint()`` gave ``None`` at start-up and every reload raises Forge's
+    ``ValueError('You do not have any model! …')``, dropping the placeholder model."""
 
-    def __init__(self, build) -> None:
+    def __init__(self, build, checkpoint: bool = True) -> None:
         self._build = build
+        info = "t.safetensors" if checkpoint else None
+        self.checkpoints_list = {info: info} if info else {}
         self.model_data = SimpleNamespace(
-            sd_model=FakeInitialModel(), forge_hash=None, forge_loading_parameters={"ckpt": "t"}
+            sd_model=FakeInitialModel(),
+            forge_hash="",
+            forge_loading_parameters={"checkpoint_info": info, "additional_modules": []},
         )
         self.reloads = 0
 
@@ -336,6 +354,13 @@ class FakeSdModels:
         wanted = str(self.model_data.forge_loading_parameters)
         if self.model_data.forge_hash == wanted:
             return self.model_data.sd_model, False
+        if self.model_data.sd_model:
+            self.model_data.sd_model = None
+        if self.model_data.forge_loading_parameters["checkpoint_info"] is None:
+            raise ValueError(
+                "You do not have any model! Please download at least one model in "
+                "[models/Stable-diffusion]."
+            )
         self.model_data.sd_model = self._build()
         self.model_data.forge_hash = wanted
         return self.model_data.sd_model, True

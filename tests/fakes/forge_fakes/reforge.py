@@ -82,7 +82,19 @@ class ComfyPatcher:
 
 @dataclass
 class LoadedModel:
+    """``model_management.LoadedModel``: ``model_unload`` detaches the patcher, restoring
+    its backed-up weights when ``unpatch_weights``."""
+
     model: ComfyPatcher
+    unloads: int = 0
+
+    def model_unload(
+        self, memory_to_free: float | None = None, unpatch_weights: bool = True
+    ) -> bool:
+        self.unloads += 1
+        if unpatch_weights:
+            self.model.unpatch_model()
+        return True
 
 
 class ModelManagement:

@@ -44,6 +44,8 @@ class SdModelData:
 
 
 model_data = SdModelData()
+checkpoints_list: dict[str, Any] = {}
+"""Checkpoint title -> info, as 1.10 lists the files it found (empty: no checkpoint)."""
 
 
 def load_model() -> None:
@@ -55,6 +57,12 @@ def load_model() -> None:
     model_data.was_loaded_at_least_once = True
 
 
+def set_checkpoint(loader: Callable[[], Any]) -> None:
+    """One checkpoint file in the list, built by ``loader`` when loaded."""
+    model_data.loader = loader
+    checkpoints_list["model.safetensors"] = "model.safetensors"
+
+
 def start_background_load(build: Callable[[], Any], seconds: float) -> threading.Thread:
     """Start-up's model load: a thread that asks for the model, whose load takes
     ``seconds`` before ``build()`` gives it."""
@@ -63,7 +71,7 @@ def start_background_load(build: Callable[[], Any], seconds: float) -> threading
         time.sleep(seconds)
         return build()
 
-    model_data.loader = slow
+    set_checkpoint(slow)
     thread = threading.Thread(target=model_data.get_sd_model, name="load-model", daemon=True)
     thread.start()
     return thread
@@ -76,3 +84,4 @@ def reset() -> None:
     model_data.loader = None
     model_data.loads = 0
     model_data.load_errors.clear()
+    checkpoints_list.clear()
