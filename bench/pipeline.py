@@ -1,8 +1,9 @@
-"""End-to-end benchmark at real SD1.5 shapes: ``python -m bench.pipeline [options]``.
+"""End-to-end benchmark at real SD1.5 or SDXL shapes: ``python -m bench.pipeline [options]``.
 
-Builds a random-weight SD1.5 UNet (859.5 M parameters) and CLIP-L text encoder from the
-configs the package ships (no download), writes N random rank-r concept LoRAs on every
-text-encoder and UNet-attention module (72 + 192, as kohya trains them), and runs the
+Builds a random-weight SD1.5 UNet (859.5 M parameters) and CLIP-L text encoder, or
+(``--arch sdxl``) the SDXL UNet (2.6 G) with CLIP-L and OpenCLIP-G, from the configs the
+package ships (no download), writes N random rank-r concept LoRAs on every text-encoder
+and UNet-attention module (SD1.5: 72 + 192, as kohya trains them), and runs the
 whole merge: read files, record features through hooks, solve every layer, write the
 kohya file. Prints the device, shapes, stage times, peak memory beyond the loaded model,
 and the feature memory the released code's approach (keeping every feature) would need
@@ -26,7 +27,43 @@ from loraclr_ext.model.architecture import Architecture
 from loraclr_ext.model.deltas import ModuleDelta
 from loraclr_ext.model.naming import module_specs
 
-CONFIGS = Path(__file__).resolve().parents[1] / "loraclr_ext" / "hosts" / "configs" / "sd1"
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "loraclr_ext" / "hosts" / "configs"
+CONFIGS = CONFIG_ROOT / "sd1"
+
+
+def build_sdxl(device: torch.device):
+    """A random-weight SDXL pipeline (real UNet, CLIP-L and OpenCLIP-G shapes; tiny VAE and
+    tokenizers)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+    )
+
+    from loraclr_ext.demo.tiny import _tiny_vae, build_tiny_tokenizer
+
+    root = CONFIG_ROOT / "sdxl"
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(json.loads((root / "unet" / "config.json").read_text()))
+    te1 = CLIPTextModel(CLIPTextConfig.from_json_file(root / "text_encoder" / "config.json"))
+    te2 = CLIPTextModelWithProjection(
+        CLIPTextConfig.from_json_file(root / "text_encoder_2" / "config.json")
+    )
+    scheduler = EulerDiscreteScheduler.from_config(
+        json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_tiny_vae(),
+        text_encoder=te1,
+        text_encoder_2=te2,
+        tokenizer=build_tiny_tokenizer(),
+        tokenizer_2=build_tiny_tokenizer(pad_token="!"),
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
 
 
 def build_sd15(device: torch.device):
@@ -58,12 +95,14 @@ def build_sd15(device: torch.device):
     return pipe.to(device)
 
 
-def write_random_loras(folder: Path, count: int, rank: int) -> list[Path]:
-    """``count`` kohya LoRAs of rank ``rank`` on SD1's text and transformer modules."""
+def write_random_loras(
+    folder: Path, count: int, rank: int, arch: Architecture = Architecture.SD1
+) -> list[Path]:
+    """``count`` kohya LoRAs of rank ``rank`` on ``arch``'s text and transformer modules."""
     from loraclr_ext.files.metadata import LoraMetadata
     from loraclr_ext.files.write import write_lora
 
-    specs = [s for s in module_specs(Architecture.SD1) if s.group in ("text", "transformer")]
+    specs = [s for s in module_specs(arch) if s.group in ("text", "transformer")]
     paths = []
     for i in range(count):
         g = torch.Generator().manual_seed(i)
@@ -73,7 +112,7 @@ def write_random_loras(folder: Path, count: int, rank: int) -> list[Path]:
             down = torch.randn(rank, spec.flat_in, generator=g) / spec.flat_in**0.5
             factors[spec.ref] = ModuleDelta(up, down, spec.kernel)
         path = folder / f"concept{i}.safetensors"
-        write_lora(path, factors, Architecture.SD1, LoraMetadata(triggers=[f"tok{i}"]))
+        write_lora(path, factors, arch, LoraMetadata(triggers=[f"tok{i}"]))
         paths.append(path)
     return paths
 
@@ -83,6 +122,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--arch", default="sd1", choices=["sd1", "sdxl"], help="SD1.5 or SDXL")
     parser.add_argument("--concepts", type=int, default=12)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument(
@@ -92,7 +132,10 @@ def main() -> None:
         "--size", type=int, default=None, help="default: the merge's auto value for the device"
     )
     parser.add_argument(
-        "--dtype", default=None, choices=["fp16", "fp32"], help="default: fp16 on a GPU"
+        "--dtype",
+        default=None,
+        choices=["fp16", "bf16", "fp32"],
+        help="default: fp16 on a GPU, fp32 on a CPU (bf16 halves an SDXL model's CPU memory)",
     )
     parser.add_argument(
         "--quality",
@@ -112,16 +155,16 @@ def main() -> None:
     _quiet_libraries()
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = (
-        torch.float16 if (args.dtype or ("fp16" if cuda else "fp32")) == "fp16" else torch.float32
-    )
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    dtype = dtypes[args.dtype or ("fp16" if cuda else "fp32")]
+    arch = Architecture.SDXL if args.arch == "sdxl" else Architecture.SD1
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
-        loras = write_random_loras(folder, args.concepts, args.rank)
-        pipe = build_sd15(device).to(dtype=dtype)
-        host = StandaloneHost.from_pipeline(pipe, device, architecture=Architecture.SD1)
+        loras = write_random_loras(folder, args.concepts, args.rank, arch)
+        pipe = (build_sdxl if arch is Architecture.SDXL else build_sd15)(device).to(dtype=dtype)
+        host = StandaloneHost.from_pipeline(pipe, device, architecture=arch)
         setup = time.perf_counter() - t0
         specs = [ConceptSpec(p, f"tok{i} person") for i, p in enumerate(loras)]
         options = MergeOptions(steps=args.steps, size=args.size, quality=args.quality)
@@ -132,7 +175,7 @@ def main() -> None:
         progress = CpuClock()
 
         def merge():
-            plan = plan_merge(specs, options, Architecture.SD1, folder / "merged.safetensors")
+            plan = plan_merge(specs, options, arch, folder / "merged.safetensors")
             plans.append(plan)
             return run_merge(plan, host, progress)
 
@@ -143,14 +186,16 @@ def main() -> None:
         steps, size = result.options.steps, result.options.size
 
     unet_params = sum(p.numel() for p in pipe.unet.parameters())
+    encoders = "CLIP-L + OpenCLIP-G" if arch is Architecture.SDXL else "CLIP-L"
+    modules = len(result.layers)
     print(
         f"device: {device} ({torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} CPU threads'}), {dtype}"
     )
     print(
-        f"model: SD1.5 UNet {unet_params / 1e6:.1f} M params + CLIP-L, random weights (built in {setup:.0f} s)"
+        f"model: {arch.label} UNet {unet_params / 1e6:.1f} M params + {encoders}, random weights (built in {setup:.0f} s)"
     )
     print(
-        f"concepts: {args.concepts} LoRAs × rank {args.rank} on 72 text + 192 UNet attention modules"
+        f"concepts: {args.concepts} LoRAs × rank {args.rank} on {modules} text and UNet attention modules"
     )
     print(
         f"recording run: {steps} steps at {size}px, batch 2, per concept ({result.recording_summary()})"
