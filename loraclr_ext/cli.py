@@ -19,6 +19,7 @@ from loraclr_ext.pipeline.options import ConceptSpec, MergeOptions
 
 if TYPE_CHECKING:
     from loraclr_ext.engine import MergeResult
+    from loraclr_ext.hosts.standalone import StandaloneHost
 
 
 class TqdmProgress:
@@ -79,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", type=Path, help="folder with the CLIP tokenizer files, if the model has none"
     )
     merge.add_argument("--report", type=Path, help="write the quality report here as JSON")
+    merge.add_argument(
+        "--preview-file",
+        type=Path,
+        help="where --preview writes the grid (default: OUT with .preview.png)",
+    )
     _add_options(merge)
 
     inspect = commands.add_parser("inspect", help="describe a LoRA file")
@@ -151,19 +157,60 @@ def cmd_merge(args: argparse.Namespace) -> int:
     options = _options(args, args.out.stem)
     device = resolve_device(args.device)
     _check_report_path(args.report)
+    preview_file = _preview_path(args, options)
     _check_base(args.base)
+    hosts: list[StandaloneHost] = []
 
     def open_host() -> StandaloneHost:
         print(f"[LoRACLR] loading {args.base} on {device}")
-        return StandaloneHost.load(args.base, device, tokenizer=args.tokenizer)
+        hosts.append(StandaloneHost.load(args.base, device, tokenizer=args.tokenizer))
+        return hosts[0]
 
     progress = TqdmProgress()
     try:
         result = merge(specs, options, args.out, open_host, progress, check_shapes=False)
+        if preview_file is not None:
+            _write_preview(result, hosts[0], preview_file, progress)
     finally:
         progress.close()
     _print_result(result, args.report)
     return 0
+
+
+def _preview_path(args: argparse.Namespace, options: MergeOptions) -> Path | None:
+    """Where the preview grid goes; checked before any work like the merged file itself."""
+    if not options.preview:
+        if args.preview_file is not None:
+            raise InvalidInputError("--preview-file needs --preview.")
+        return None
+    path = args.preview_file or args.out.with_suffix(".preview.png")
+    if path.suffix.lower() != ".png":
+        raise InvalidInputError(f"--preview-file {path.name} must end in .png.")
+    if not path.parent.is_dir():
+        raise InvalidInputError(f"Preview folder {path.parent} does not exist; create it first.")
+    if path.exists() and not options.overwrite:
+        raise InvalidInputError(f"{path} already exists; choose another name or allow overwrite.")
+    return path
+
+
+def _write_preview(
+    result: MergeResult, host: StandaloneHost, path: Path, progress: TqdmProgress
+) -> None:
+    from loraclr_ext.engine import add_preview
+    from loraclr_ext.files.publish import publish, temp_path
+    from loraclr_ext.preview.standalone import StandaloneRenderer
+
+    add_preview(result, StandaloneRenderer(host, check_shapes=False), progress)
+    if result.preview is not None:
+        tmp = temp_path(path)
+        try:
+            tmp.write_bytes(result.preview.png())
+            publish(tmp, path, overwrite=bool(result.options and result.options.overwrite))
+        finally:
+            tmp.unlink(missing_ok=True)
+        print(f"preview: {path}  ({result.preview.summary()})")
+    else:
+        print(f"note: {result.preview_note}")
 
 
 def _check_report_path(report: Path | None) -> None:

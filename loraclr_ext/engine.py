@@ -1,5 +1,5 @@
 """The one entry point every front end calls: check → host → plan → collect → solve →
-report → write.
+report → write, then (when asked) :func:`add_preview` draws the preview grid.
 
 :func:`merge` is what the command line and the WebUI call. ``run_merge`` never writes host
 weights (concepts are applied by hooks inside the host's ``clean_weights`` context) and writes
@@ -10,6 +10,7 @@ interrupt nothing is left behind.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -18,7 +19,12 @@ from pathlib import Path
 import torch
 
 from loraclr_ext import __version__
-from loraclr_ext.errors import InvalidInputError, OutOfMemoryMergeError
+from loraclr_ext.errors import (
+    InvalidInputError,
+    LoraClrError,
+    MergeInterruptedError,
+    OutOfMemoryMergeError,
+)
 from loraclr_ext.hosts.base import Host
 from loraclr_ext.model.deltas import ModuleDelta
 from loraclr_ext.model.lowrank import pad_rank
@@ -27,9 +33,12 @@ from loraclr_ext.pipeline.collect import collect, new_stats
 from loraclr_ext.pipeline.options import ConceptSpec, MergeOptions
 from loraclr_ext.pipeline.plan import MergePlan, plan_merge, precheck
 from loraclr_ext.pipeline.progress import Progress, SilentProgress, check_interrupt
+from loraclr_ext.preview.cells import PREVIEW_CFG, preview_cells, preview_steps
+from loraclr_ext.preview.grid import PreviewGrid, Renderer, render_grid
 from loraclr_ext.report.quality import QualityReport, evaluate
 from loraclr_ext.solver import LayerStats, SolverSettings, solve_layer
 
+log = logging.getLogger("loraclr")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -67,6 +76,11 @@ class MergeResult:
     options: MergeOptions | None = None
     auto: list[str] = field(default_factory=list)
     device: str = ""
+    concepts: list[ConceptSpec] = field(default_factory=list)
+    """The concepts merged: file, prompt, strength, in order."""
+    preview: PreviewGrid | None = None
+    preview_note: str = ""
+    """Why there is no preview although one was asked for (stopped, failed), or ""."""
 
     def recording_summary(self) -> str:
         """The recording run's steps and size, and which the device chose, in one line."""
@@ -201,7 +215,49 @@ def run_merge(
         options=plan.options,
         auto=auto,
         device=host.device.type,
+        concepts=[ConceptSpec(c.lora.path, c.prompt, c.strength) for c in plan.concepts],
     )
+
+
+def add_preview(
+    result: MergeResult,
+    renderer: Renderer,
+    progress: Progress | None = None,
+    *,
+    steps: int | None = None,
+) -> MergeResult:
+    """Draw the preview grid of a written merge (:mod:`loraclr_ext.preview`) into
+    ``result.preview``, on the loaded checkpoint through the host's ``renderer``.
+
+    The merge already succeeded, so nothing here fails it: an Interrupt or an error while
+    drawing leaves ``result.preview`` empty and says why in ``result.preview_note`` (an
+    unexpected error is logged with its traceback). ``steps`` overrides the device's
+    default sampler steps; the size is the recording run's and the seed the merge's.
+    """
+    if result.path is None or result.options is None:
+        raise InvalidInputError("Nothing was written; there is no merged LoRA to preview.")
+    size = result.options.size or 512
+    try:
+        result.preview = render_grid(
+            preview_cells(result.concepts, result.path),
+            renderer,
+            progress or SilentProgress(),
+            seed=result.options.seed,
+            steps=preview_steps(result.device or "cpu", steps),
+            size=size,
+            cfg=PREVIEW_CFG,
+        )
+        result.seconds["preview"] = result.preview.seconds
+    except MergeInterruptedError as exc:
+        result.preview_note = str(exc)
+    except LoraClrError as exc:
+        result.preview_note = f"No preview: {exc} The merged LoRA was saved."
+    except Exception as exc:  # the file is written; a broken preview must not hide that
+        log.exception("LoRACLR preview failed")
+        result.preview_note = (
+            f"No preview ({type(exc).__name__}: {exc}); see the console. The merged LoRA was saved."
+        )
+    return result
 
 
 def _target_modules(

@@ -198,3 +198,40 @@ def test_rank_zero_means_exact_in_the_flag_the_tab_and_the_help(tmp_path):
         if "--rank" in a.option_strings
     )
     assert "0 = exact" in flag.help
+
+
+def test_preview_writes_the_grid_png_beside_the_lora(sd1_demo, tmp_path, capsys):
+    from PIL import Image
+
+    from loraclr_ext.preview.grid import LABEL_HEIGHT
+
+    out = tmp_path / "duo.safetensors"
+    argv = merge_args(sd1_demo, out, "--no-quality", "--preview")
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    png = tmp_path / "duo.preview.png"
+    with Image.open(png) as image:
+        assert image.size == (4 * 64, 64 + LABEL_HEIGHT)  # 2 concepts + joint merged/stacked
+    assert f"preview: {png}  (4 images, " in stdout and "10 steps at 64 px" in stdout
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (("--preview",), "duo.preview.png already exists"),
+        (("--preview-file", "x.png"), "--preview-file needs --preview"),
+        (("--preview", "--preview-file", "x.jpg"), "must end in .png"),
+    ],
+)
+def test_a_bad_preview_request_is_refused_before_any_work(
+    extra, expected, sd1_demo, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "duo.preview.png"
+    mine.write_bytes(b"my picture")
+    out = tmp_path / "duo.safetensors"
+    code, stdout, err = run(capsys, *merge_args(sd1_demo, out, "--no-quality", *extra))
+    assert code == 1 and expected in err and err.count("\n") == 1
+    assert "loading" not in stdout  # refused before the model was opened
+    assert not out.exists() and mine.read_bytes() == b"my picture"

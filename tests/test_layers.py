@@ -18,7 +18,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("files", "solver"),
     ("hosts",),
     ("pipeline",),
-    ("report",),
+    ("report", "preview"),
     ("engine",),
     ("demo", "ui"),
     ("cli",),
@@ -28,7 +28,17 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 ``hosts.base`` protocol, and no adapter needs anything of the pipeline."""
 
 LEVEL = {unit: level for level, units in enumerate(LAYERS) for unit in units}
-GRADIO_FREE = ("model", "files", "solver", "hosts", "pipeline", "report", "engine", "demo")
+GRADIO_FREE = (
+    "model",
+    "files",
+    "solver",
+    "hosts",
+    "pipeline",
+    "report",
+    "preview",
+    "engine",
+    "demo",
+)
 """Units that never import gradio, fastapi or the WebUI's ``modules`` (only ``ui`` may)."""
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from loraclr_ext.pipeline.options import MergeOptions
 
 Kind = Literal["text", "bool", "int", "float", "choice"]
-MAIN = ("output", "rank", "steps", "size", "precision", "overwrite", "quality")
+MAIN = ("output", "rank", "steps", "size", "precision", "overwrite", "quality", "preview")
 """Fields shown outside the "Advanced" accordion, in this order."""
 
 

@@ -116,6 +116,12 @@ class MergeOptions:
     quality: bool = _opt(
         True, "Measure fidelity, isolation and base preservation against baselines"
     )
+    preview: bool = _opt(
+        False,
+        "After saving, draw n + 2 images with the WebUI's own sampler on one seed: each "
+        "concept with the merged LoRA, and all concepts in one prompt merged beside stacked "
+        "(costs as much as generating those images: 10 steps each on a CPU, 20 on a GPU)",
+    )
 
     def __post_init__(self) -> None:
         for name in ("rank", "steps", "size"):  # number fields spell "exact"/"auto" as 0

@@ -3,7 +3,9 @@
 * ``GET /loraclr/v1/version`` -> extension and API version, option schema.
 * ``GET /loraclr/v1/loras`` -> every LoRA in the Lora folder, with ``usable``/``reason``.
 * ``POST /loraclr/v1/merge`` -> ``{"file", "path", "prompt", "triggers", "seconds",
-  "report"}``; bad input -> HTTP 4xx ``{"detail": message}`` with the tab's message.
+  "report", "preview"}`` (``preview``: ``null`` unless asked for with ``"preview": true``,
+  else ``{"png_base64", "summary", "seconds", "cells", "note"}``); bad input -> HTTP 4xx
+  ``{"detail": message}`` with the tab's message.
 * ``GET /loraclr/v1/status`` -> the running or last LoRACLR merge (tab or REST):
   ``{"running", "output", "source", "stage", "progress", "started", "elapsed_s", "eta_s",
   "finished", "outcome"}``; for a client whose ``merge`` request timed out.
@@ -16,6 +18,7 @@ needs HTTP Basic credentials, like the WebUI's own API.
 """
 
 # No ``from __future__ import annotations``: FastAPI must see the route signatures' real types.
+import base64
 import secrets
 from typing import Any
 
@@ -84,6 +87,23 @@ def merge_response(result: Any) -> dict[str, Any]:
         "triggers": result.triggers,
         "seconds": result.seconds,
         "report": result.report.to_dict() if result.report is not None else None,
+        "preview": preview_json(result),
+    }
+
+
+def preview_json(result: Any) -> dict[str, Any] | None:
+    """The preview grid (PNG, base64) with its cells, or why there is none; ``None`` when
+    no preview was asked for."""
+    grid = getattr(result, "preview", None)
+    note = getattr(result, "preview_note", "")
+    if grid is None:
+        return {"png_base64": None, "note": note} if note else None
+    return {
+        "png_base64": base64.b64encode(grid.png()).decode("ascii"),
+        "note": "",
+        "summary": grid.summary(),
+        "seconds": grid.seconds,
+        "cells": [{"label": c.label, "prompt": c.prompt_with_tags()} for c in grid.cells],
     }
 
 

@@ -171,3 +171,41 @@ class StateProgress:
         if self.snapshot is not None:
             self.snapshot.stage = text
             self.snapshot.fraction = self.fraction
+
+
+class PreviewProgress:
+    """The preview grid's progress on ``state``, after the merge's: one WebUI job per image.
+
+    The WebUI's txt2img drives ``sampling_step``/``sampling_steps`` and calls
+    ``state.nextjob()`` for each image, so the bar counts ``job_no`` of ``job_count``
+    images, each filled by its own sampler steps; the clock restarts with the preview, so
+    the WebUI's ETA is the preview's. ``snapshot`` (the status route) names the image.
+    """
+
+    def __init__(self, state: Any, snapshot: Snapshot | None = None) -> None:
+        self.state = state
+        self.snapshot = snapshot
+        self.total = 1
+        self.done = 0
+
+    def stage(self, text: str, total: int) -> None:
+        self.total, self.done = max(int(total), 1), 0
+        self.state.job_count, self.state.job_no = self.total, 0
+        self.state.sampling_step, self.state.sampling_steps = 0, 0
+        self.state.time_start = time.time()
+        self._show()
+
+    def advance(self, steps: int = 1) -> None:
+        self.done = min(self.done + steps, self.total)
+        self.state.job_no = self.done
+        self._show()
+
+    def interrupted(self) -> bool:
+        return bool(getattr(self.state, "interrupted", False))
+
+    def _show(self) -> None:
+        shown = min(self.done + 1, self.total)
+        text = f"preview image {shown} of {self.total}"
+        self.state.textinfo = f"LoRACLR: {text}"
+        if self.snapshot is not None:
+            self.snapshot.stage = text

@@ -5,6 +5,7 @@ Pure string building (no gradio), everything escaped; element classes are ``lora
 
 from __future__ import annotations
 
+import base64
 from html import escape
 from typing import Any
 
@@ -154,6 +155,7 @@ STAGE_WORDS = {
     "solve": "solving",
     "report": "quality report",
     "write": "writing",
+    "preview": "preview",
 }
 """How the engine's timing keys read in the panel."""
 
@@ -189,10 +191,31 @@ def result_panel(result: Any) -> str:
         f"<p class='loraclr-note loraclr-times'>{len(result.layers)} modules; "
         f"{escape(stage_times(result.seconds))}</p>",
     ]
+    if getattr(result, "preview", None) is not None:
+        parts.append(preview_figure(result.preview))
+    elif getattr(result, "preview_note", ""):
+        note = escape(result.preview_note)
+        parts.append(f"<p class='loraclr-note loraclr-preview-note'>{note}</p>")
     if result.report is not None:
         parts.append(report_table(result.report))
     parts.append("</div>")
     return "".join(parts)
+
+
+def preview_figure(grid: Any) -> str:
+    """The preview grid as an inline PNG with what each image shows and what it cost."""
+    data = base64.b64encode(grid.png()).decode("ascii")
+    items = "".join(
+        f"<li><b>{escape(cell.label)}</b>: <code>{escape(cell.prompt_with_tags())}</code></li>"
+        for cell in grid.cells
+    )
+    return (
+        "<figure class='loraclr-preview'>"
+        f"<img src='data:image/png;base64,{data}' alt='Preview grid: "
+        f"{escape(', '.join(c.label for c in grid.cells))}'>"
+        f"<figcaption>Preview, left to right ({escape(grid.summary())}):<ol>{items}</ol>"
+        "</figcaption></figure>"
+    )
 
 
 def _scroll(table: str) -> str:

@@ -22,7 +22,7 @@ from loraclr_ext.hosts.webui.detect import is_loaded, model_architecture
 from loraclr_ext.hosts.webui.make import forget_cached_loras
 from loraclr_ext.model.architecture import Architecture
 from loraclr_ext.pipeline.options import ConceptSpec, MergeOptions
-from loraclr_ext.ui.progress import Snapshot, StateProgress
+from loraclr_ext.ui.progress import PreviewProgress, Snapshot, StateProgress
 
 log = logging.getLogger("loraclr")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -90,6 +90,8 @@ class WebuiContext:
         devices: ``modules.devices``.
         call_queue: ``modules.call_queue`` (``queue_lock``, ``wrap_gradio_gpu_call``).
         networks: the built-in Lora extension's ``networks`` module, or ``None``.
+        processing: ``modules.processing`` (txt2img for the preview grid), or ``None``.
+        paths: ``modules.paths`` (``data_path``), or ``None``.
         check_shapes: check LoRA shapes against the real model sizes (off for tiny models).
     """
 
@@ -99,6 +101,8 @@ class WebuiContext:
     call_queue: Any
     networks: Any = None
     check_shapes: bool = True
+    processing: Any = None
+    paths: Any = None
     _cache: dict[tuple, LoraEntry] = field(default_factory=dict, repr=False)
     _last: Snapshot | None = field(default=None, repr=False)
     _status_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -106,13 +110,15 @@ class WebuiContext:
     @classmethod
     def from_webui(cls) -> WebuiContext:
         """Gather the running WebUI's modules (call from ``scripts/`` only)."""
-        from modules import call_queue, devices, sd_models, shared
+        from modules import call_queue, devices, paths, processing, sd_models, shared
 
         try:
             import networks  # the built-in Lora extension's module (dossier §4.8)
         except ImportError:
             networks = None
-        return cls(shared, sd_models, devices, call_queue, networks)
+        return cls(
+            shared, sd_models, devices, call_queue, networks, processing=processing, paths=paths
+        )
 
     # -- settings and folders
 
@@ -278,7 +284,6 @@ class WebuiContext:
         with self._status_lock:
             self._last = snapshot
         progress = StateProgress(self.shared.state, quality=options.quality, snapshot=snapshot)
-        outcome = "failed"
         try:
             specs = [ConceptSpec(self.resolve(r.name), r.prompt, float(r.strength)) for r in rows]
             out = output_path(self.output_dir(), options.output)
@@ -290,19 +295,41 @@ class WebuiContext:
                 progress,
                 check_shapes=self.check_shapes,
             )
-            outcome = f"wrote {out.name}"
         except Exception as exc:
-            outcome = str(exc) if isinstance(exc, LoraClrError) else type(exc).__name__
+            said = str(exc) if isinstance(exc, LoraClrError) else type(exc).__name__
+            self._finish(snapshot, said)
             raise
         finally:
             if hasattr(self.devices, "torch_gc"):
                 self.devices.torch_gc()
-            with self._status_lock:
-                snapshot.finished, snapshot.outcome = time.time(), outcome
-                if outcome.startswith("wrote"):
-                    snapshot.stage, snapshot.fraction = "done", 1.0
-        self.refresh_networks(written=out.stem)
+        try:
+            self.refresh_networks(written=out.stem)
+            if options.preview:
+                self.preview(result, snapshot)
+        finally:
+            self._finish(snapshot, f"wrote {out.name}")
         return result
+
+    def _finish(self, snapshot: Snapshot, outcome: str) -> None:
+        with self._status_lock:
+            snapshot.finished, snapshot.outcome = time.time(), outcome
+            if outcome.startswith("wrote"):
+                snapshot.stage, snapshot.fraction = "done", 1.0
+
+    def preview(self, result: Any, snapshot: Snapshot | None = None) -> None:
+        """Draw the preview grid of a written merge with the WebUI's own txt2img (after
+        :meth:`refresh_networks`, so ``<lora:NAME:1>`` finds the new file). Never raises
+        for the preview itself: a stop or failure is said in ``result.preview_note``."""
+        from loraclr_ext.engine import add_preview
+        from loraclr_ext.preview.webui import WebuiRenderer
+
+        renderer = WebuiRenderer(self.processing, self.model(), self.generation_files())
+        add_preview(result, renderer, PreviewProgress(self.shared.state, snapshot))
+
+    def generation_files(self) -> list[Path]:
+        """Files the WebUI rewrites on every generation (``params.txt``, the last prompt)."""
+        data_path = getattr(self.paths, "data_path", None)
+        return [Path(data_path) / "params.txt"] if data_path else []
 
     def status(self) -> dict[str, Any]:
         """The running (or else the last) LoRACLR merge since start-up, as JSON."""

@@ -25,6 +25,10 @@ class State:
         self.time_start = time.time()
         self.begun += 1
 
+    def nextjob(self) -> None:
+        self.job_no += 1
+        self.sampling_step = 0
+
     def end(self) -> None:
         self.job, self.job_count = "", 0
 
