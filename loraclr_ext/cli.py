@@ -251,6 +251,8 @@ def _print_result(result: MergeResult, report_path: Path | None) -> None:
     print(f"{result.rank_summary()}; seconds {result.seconds}")
     if result.options is not None:
         print(result.recording_summary())
+    for note in result.notes:
+        print(f"note: {note}")
     for name, summary in result.unmatched.items():
         print(f"note: {name}: not merged: {summary}")
     if result.skipped:

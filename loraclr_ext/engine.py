@@ -12,9 +12,10 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -29,16 +30,19 @@ from loraclr_ext.hosts.base import Host
 from loraclr_ext.model.deltas import ModuleDelta
 from loraclr_ext.model.lowrank import pad_rank
 from loraclr_ext.model.targets import ModuleRef
-from loraclr_ext.pipeline.collect import collect, new_stats
+from loraclr_ext.pipeline.collect import SPATIAL_PROMPTS, collect, new_stats
 from loraclr_ext.pipeline.options import ConceptSpec, MergeOptions
 from loraclr_ext.pipeline.plan import MergePlan, plan_merge, precheck
 from loraclr_ext.pipeline.progress import Progress, SilentProgress, check_interrupt
 from loraclr_ext.preview.cells import PREVIEW_CFG, preview_cells, preview_steps
 from loraclr_ext.preview.grid import PreviewGrid, Renderer, render_grid
-from loraclr_ext.report.quality import QualityReport, evaluate
+from loraclr_ext.report.quality import REPORT_BATCH, QualityReport, evaluate
 from loraclr_ext.solver import LayerStats, SolverSettings, solve_layer
 
 log = logging.getLogger("loraclr")
+T = TypeVar("T")
+MAX_UNET_BATCH = max(SPATIAL_PROMPTS, REPORT_BATCH)
+"""The most latents any stage sends through the UNet at once (the first retry halves it)."""
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -78,6 +82,8 @@ class MergeResult:
     device: str = ""
     concepts: list[ConceptSpec] = field(default_factory=list)
     """The concepts merged: file, prompt, strength, in order."""
+    notes: list[str] = field(default_factory=list)
+    """What the merge had to adapt to, in words (e.g. a retry after running out of memory)."""
     preview: PreviewGrid | None = None
     preview_note: str = ""
     """Why there is no preview although one was asked for (stopped, failed), or ""."""
@@ -187,15 +193,26 @@ def run_merge(
         modules, skipped = _target_modules(plan, host)
         shapes = {ref: flat_shape(module) for ref, module in modules.items()}
         _check_shapes(plan, shapes)
-        stats = new_stats(plan, shapes, host.device)
-        collect(plan, host, modules, stats, progress)
+        notes: list[str] = []
+
+        def record() -> dict[ModuleRef, LayerStats]:
+            stats = new_stats(plan, shapes, host.device)  # fresh on every try
+            collect(plan, host, modules, stats, progress)
+            return stats
+
+        stats = within_memory(host, record, notes)
         clock["collect"] = time.perf_counter()
         factors, layers, least_squares = _solve(plan, stats, host, progress)
+        del stats  # each layer's statistics were freed once it was solved
         clock["solve"] = time.perf_counter()
         report = None
         if plan.options.quality:
             check_interrupt(progress)
-            report = evaluate(plan, host, modules, factors, least_squares, progress)
+            report = within_memory(
+                host,
+                lambda: evaluate(plan, host, modules, factors, least_squares, progress),
+                notes,
+            )
         clock["report"] = time.perf_counter()
     check_interrupt(progress)
     triggers = _triggers(plan)
@@ -216,7 +233,47 @@ def run_merge(
         auto=auto,
         device=host.device.type,
         concepts=[ConceptSpec(c.lora.path, c.prompt, c.strength) for c in plan.concepts],
+        notes=notes,
     )
+
+
+def within_memory(host: Host, run: Callable[[], T], notes: list[str]) -> T:
+    """``run()``, and after an out-of-memory error ``run()`` again with half as many
+    latents per UNet call (``host.max_batch``), down to one; the retry is said in
+    ``notes``. ``run`` must start from scratch each time (it does: fresh statistics, a
+    stateless report). Results do not depend on the batch
+    (:func:`~loraclr_ext.hosts.base.in_batches`).
+
+    Raises:
+        torch.OutOfMemoryError: still out of memory with one latent per call.
+    """
+    while True:
+        try:
+            return run()
+        except torch.OutOfMemoryError:
+            before = host.max_batch or MAX_UNET_BATCH
+            if before <= 1:
+                raise
+            _free_memory(host.device)
+            host.max_batch = before // 2
+            images = "image" if host.max_batch == 1 else "images"
+            message = (
+                f"Out of {_memory_kind(host.device)} memory with {before} images per UNet call; "
+                f"ran again with {host.max_batch} {images} per call."
+            )
+            log.warning("LoRACLR: %s", message)
+            notes.append(message)
+
+
+def _free_memory(device: torch.device) -> None:
+    """Give the failed try's tensors back to the device before the next one."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps" and hasattr(torch, "mps"):
+        torch.mps.empty_cache()
 
 
 def add_preview(
@@ -298,7 +355,7 @@ def _check_shapes(plan: MergePlan, shapes: Mapping[ModuleRef, tuple[int, int]]) 
 
 def _solve(
     plan: MergePlan,
-    stats: Mapping[ModuleRef, LayerStats],
+    stats: MutableMapping[ModuleRef, LayerStats],
     host: Host,
     progress: Progress,
 ) -> tuple[dict[ModuleRef, ModuleDelta], list[LayerSummary], dict[ModuleRef, ModuleDelta]]:
@@ -307,8 +364,10 @@ def _solve(
     ls_settings = SolverSettings(objective="least_squares")
     progress.stage("Solving layers", len(stats))
     factors, least_squares, layers = {}, {}, []
-    for ref, layer_stats in stats.items():
+    for ref in list(stats):
         check_interrupt(progress)
+        # Statistics stay on the device only until their layer is solved.
+        layer_stats = stats.pop(ref)
         # One base weight at a time: copies of them all would cost GBs (SD1.5: ~2.4 GB fp32).
         base = host.base_weight(ref).to(layer_stats.device)
         ups = [_up(c.deltas.get(ref), base.shape[0]) for c in plan.concepts]

@@ -32,6 +32,11 @@ class Conditioning:
     context: torch.Tensor
     pooled: torch.Tensor | None = None
 
+    def rows(self, start: int, stop: int) -> Conditioning:
+        """The conditioning of prompts ``start`` to ``stop - 1`` (views, no copy)."""
+        pooled = None if self.pooled is None else self.pooled[start:stop]
+        return Conditioning(self.context[start:stop], pooled)
+
 
 @dataclass
 class Tokens:
@@ -57,6 +62,9 @@ class Host(Protocol):
     architecture: Architecture
     device: torch.device
     dtype: torch.dtype
+    max_batch: int | None
+    """At most this many latents per UNet call (``None``: the whole batch at once). The
+    engine lowers it after running out of memory; results do not depend on it."""
 
     def modules(self, refs: Iterable[ModuleRef]) -> dict[ModuleRef, torch.nn.Module]:
         """Live modules for ``refs``; refs the model lacks are left out of the result."""
@@ -97,6 +105,26 @@ class Host(Protocol):
         """Context in which the model runs with no host-applied LoRA merged in, and after
         which every weight is exactly as before (also on error)."""
         ...
+
+
+UnetCall = Callable[[torch.Tensor, Conditioning], torch.Tensor]
+"""One UNet evaluation: ``call(latents [b, 4, h, w], cond of b prompts)`` -> ``[b, 4, h, w]``."""
+
+
+def in_batches(
+    call: UnetCall, latents: torch.Tensor, cond: Conditioning, max_batch: int | None
+) -> torch.Tensor:
+    """``call`` on at most ``max_batch`` latents (with their prompts' conditioning) at a
+    time, outputs concatenated in order: the UNet treats every latent on its own, so the
+    result is the whole batch's, with the activation memory of ``max_batch`` latents."""
+    batch = int(latents.shape[0])
+    if not max_batch or batch <= max_batch:
+        return call(latents, cond)
+    outs = [
+        call(latents[start : start + max_batch], cond.rows(start, start + max_batch))
+        for start in range(0, batch, max_batch)
+    ]
+    return torch.cat(outs)
 
 
 def iter_chunks(items: list[str], size: int) -> Iterator[list[str]]:

@@ -15,7 +15,7 @@ import torch
 
 from loraclr_ext.errors import InvalidInputError, LoraClrError, ModelNotFoundError
 from loraclr_ext.hosts import model_files
-from loraclr_ext.hosts.base import Conditioning, StepCallback, Tokens, iter_chunks
+from loraclr_ext.hosts.base import Conditioning, StepCallback, Tokens, in_batches, iter_chunks
 from loraclr_ext.hosts.devices import resolve_device, resolve_dtype
 from loraclr_ext.hosts.text_paths import canonical_text_path, has_text_model_level, live_text_path
 from loraclr_ext.hosts.weights import changed_weights, weight_of, weights_fingerprint
@@ -70,6 +70,7 @@ class StandaloneHost:
         self.architecture = architecture
         self.device = device
         self.dtype: torch.dtype = pipe.unet.dtype
+        self.max_batch: int | None = None
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
 
@@ -267,10 +268,9 @@ class StandaloneHost:
         sched = self._fresh_scheduler()
         sched.set_timesteps(steps, device=self.device)
         latents = (noise * sched.init_noise_sigma).to(self.device, self.dtype)
-        kwargs = self._unet_kwargs(cond, size)
         for i, t in enumerate(sched.timesteps):
             model_in = sched.scale_model_input(latents, t)
-            out = self.pipe.unet(model_in, t, return_dict=False, **kwargs)[0]
+            out = self._unet(model_in, t, cond, size)
             latents = sched.step(out, t, latents, return_dict=False)[0].to(self.dtype)
             if callback is not None:
                 callback(i, steps)
@@ -282,8 +282,17 @@ class StandaloneHost:
         """One UNet call on ``latents`` ``[B, 4, h, w]``; returns ε or v ``[B, 4, h, w]``."""
         size = int(latents.shape[-1]) * 8
         t = torch.tensor(timestep, device=self.device)
-        x = latents.to(self.device, self.dtype)
-        return self.pipe.unet(x, t, return_dict=False, **self._unet_kwargs(cond, size))[0]
+        return self._unet(latents.to(self.device, self.dtype), t, cond, size)
+
+    def _unet(
+        self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, size: int
+    ) -> torch.Tensor:
+        """The UNet on ``latents``, at most :attr:`max_batch` of them per call."""
+
+        def call(x: torch.Tensor, c: Conditioning) -> torch.Tensor:
+            return self.pipe.unet(x, t, return_dict=False, **self._unet_kwargs(c, size))[0]
+
+        return in_batches(call, latents, cond, self.max_batch)
 
     # -- weight guard
 

@@ -3,7 +3,7 @@
 * ``GET /loraclr/v1/version`` -> extension and API version, option schema.
 * ``GET /loraclr/v1/loras`` -> every LoRA in the Lora folder, with ``usable``/``reason``.
 * ``POST /loraclr/v1/merge`` -> ``{"file", "path", "prompt", "triggers", "seconds",
-  "report", "preview"}`` (``preview``: ``null`` unless asked for with ``"preview": true``,
+  "report", "preview", "notes"}`` (``preview``: ``null`` unless asked for with ``"preview": true``,
   else ``{"png_base64", "summary", "seconds", "cells", "note"}``); bad input -> HTTP 4xx
   ``{"detail": message}`` with the tab's message.
 * ``GET /loraclr/v1/status`` -> the running or last LoRACLR merge (tab or REST):
@@ -88,6 +88,7 @@ def merge_response(result: Any) -> dict[str, Any]:
         "seconds": result.seconds,
         "report": result.report.to_dict() if result.report is not None else None,
         "preview": preview_json(result),
+        "notes": list(getattr(result, "notes", [])),
     }
 
 

@@ -190,6 +190,7 @@ def result_panel(result: Any) -> str:
         f"<p>Use: <code>{escape(result.prompt_tag)}</code></p>",
         f"<p class='loraclr-note loraclr-times'>{len(result.layers)} modules; "
         f"{escape(stage_times(result.seconds))}</p>",
+        *(f"<p class='loraclr-note'>{escape(note)}</p>" for note in getattr(result, "notes", [])),
     ]
     if getattr(result, "preview", None) is not None:
         parts.append(preview_figure(result.preview))

@@ -302,6 +302,7 @@ def test_tab_in_chromium_merges_and_shows_report(webui, paced, served, page):
     set_number(page, "iterations", 0)
     quality = page.locator("#loraclr_opt_quality input[type=checkbox]")
     quality.check()
+    page.locator("#loraclr_opt_preview input[type=checkbox]").check()
 
     started = time.monotonic()
     page.locator("#loraclr_merge").click()
@@ -337,6 +338,7 @@ def test_tab_in_chromium_merges_and_shows_report(webui, paced, served, page):
     assert re.search(pattern, times), times
     assert "seconds:" not in text and "collect" not in text
     check_report_fits(result)
+    check_preview(result)
     tag = page.locator("#loraclr_prompt_tag").locator("textarea, input").first
     assert tag.input_value().startswith("<lora:merged:1>, sks dog, brown fur")
     assert (webui["dir"] / "merged.safetensors").is_file()
@@ -355,6 +357,18 @@ def test_tab_in_chromium_merges_and_shows_report(webui, paced, served, page):
     # No script error on the way (gradio 3 threw one when Send returned a value to an event
     # without outputs).
     assert not page_errors(page), page_errors(page)
+
+
+def check_preview(result) -> None:
+    """The preview grid is drawn whole (four 64 px images and their labels) and scaled to
+    the result column, with each image's prompt listed under it."""
+    image = result.locator("figure.loraclr-preview img")
+    image.wait_for()
+    natural = image.evaluate("e => [e.complete, e.naturalWidth, e.naturalHeight]")
+    assert natural[0] and natural[1:] == [4 * 64, 64 + 14], natural
+    assert inside(box(image), box(result))
+    caption = result.locator("figure.loraclr-preview figcaption").inner_text()
+    assert "<lora:sks_dog:1> <lora:zwx_cat:1>" in caption and "4 images" in caption, caption
 
 
 def check_progress_log(page, took: float) -> None:

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from loraclr_ext.errors import InvalidInputError, LoraClrError, NoModelError
-from loraclr_ext.hosts.base import Conditioning, StepCallback, Tokens, iter_chunks
+from loraclr_ext.hosts.base import Conditioning, StepCallback, Tokens, in_batches, iter_chunks
 from loraclr_ext.hosts.ddim import ddim_sample
 from loraclr_ext.hosts.text_paths import has_text_model_level, live_text_path
 from loraclr_ext.hosts.webui.fused_attention import (
@@ -185,6 +185,7 @@ class A1111Host:
         self.sd_model = sd_model
         self.devices = devices
         self.networks = networks
+        self.max_batch: int | None = None
         self.unet: torch.nn.Module = sd_model.model.diffusion_model
         self.text_encoders = text_encoders(sd_model, self.architecture)
         # The WebUI wrapper whose tokenize() / id_start / id_end line up with the conditioning.
@@ -357,6 +358,13 @@ class A1111Host:
         """One ``apply_model`` call on ``latents`` ``[B, 4, h, w]``; returns ε or v like the
         model does, fp32 ``[B, 4, h, w]``. Only the latents and the conditioning are sent to
         ``devices.device``; the UNet stays where medvram / lowvram keep it."""
+        return in_batches(
+            lambda x, c: self._apply_model(x, timestep, c), latents, cond, self.max_batch
+        )
+
+    def _apply_model(
+        self, latents: torch.Tensor, timestep: int, cond: Conditioning
+    ) -> torch.Tensor:
         x = latents.to(self.device)
         t = torch.full((x.shape[0],), int(timestep), device=self.device, dtype=torch.long)
         with self.devices.autocast():

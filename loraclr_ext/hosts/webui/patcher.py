@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from loraclr_ext.errors import InvalidInputError, LoraClrError
-from loraclr_ext.hosts.base import Conditioning, StepCallback, Tokens, iter_chunks
+from loraclr_ext.hosts.base import Conditioning, StepCallback, Tokens, in_batches, iter_chunks
 from loraclr_ext.hosts.ddim import ddim_sample
 from loraclr_ext.hosts.text_paths import has_text_model_level, live_text_path
 from loraclr_ext.hosts.webui.detect import forge_architecture
@@ -98,6 +98,7 @@ class PatcherHost:
         self.sd_model = sd_model
         self.memory = memory
         self.networks = networks
+        self.max_batch: int | None = None
         self.original = sd_model.forge_objects_original
         self.unet_patcher = self.original.unet
         self.clip = self.original.clip
@@ -283,7 +284,10 @@ class PatcherHost:
     ) -> torch.Tensor:
         """One UNet evaluation; returns ε or v ``[B, 4, h, w]`` like the model predicts."""
         size = int(latents.shape[-1]) * 8
-        return self._raw_output(latents, int(timestep), cond, size).to(self.device)
+        out = in_batches(
+            lambda x, c: self._raw_output(x, int(timestep), c, size), latents, cond, self.max_batch
+        )
+        return out.to(self.device)
 
     def sample(
         self,
@@ -296,7 +300,9 @@ class PatcherHost:
     ) -> torch.Tensor:
         """The shared recording run (:func:`ddim_sample`), the same as the A1111 host's."""
         return ddim_sample(
-            lambda x, t: self._raw_output(x, t, cond, size),
+            lambda x, t: in_batches(
+                lambda xb, c: self._raw_output(xb, t, c, size), x, cond, self.max_batch
+            ),
             self._schedule()[1],
             cond.context.shape[0],
             steps=steps,
