@@ -10,8 +10,8 @@ small merge (1 step at 64 px, no refinement, quality report on, overwrite), clic
 and checks: the WebUI's progress bar shows inside the tab's own progress area, the result
 panel names ``<lora:live_tab:1>`` with the report, the LoRA list shows the new file without
 a restart, and the page raised no error. Screenshots go to ``test-artifacts/``
-(git-ignored): ``live_<name>_start.png``, ``…_during.png`` (progress bar up) and
-``…_after.png`` (result panel and report); ``<name>`` is ``LORACLR_LIVE_NAME`` or the port.
+(git-ignored): ``live_<name>_start.png``, ``…_during.png`` (progress bar up),
+``…_after.png`` (result panel and report) and ``…_preview.png`` (the preview grid, ticked); ``<name>`` is ``LORACLR_LIVE_NAME`` or the port.
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ def test_tab_merges_in_a_real_browser(page, concepts):
     set_number(page, "iterations", 0)
     page.locator("#loraclr_opt_quality input[type=checkbox]").check()
     page.locator("#loraclr_opt_overwrite input[type=checkbox]").check()
+    page.locator("#loraclr_opt_preview input[type=checkbox]").check()
 
     page.locator("#loraclr_merge").click()
     bar = page.locator(".progressDiv").first
@@ -131,4 +132,12 @@ def test_tab_merges_in_a_real_browser(page, concepts):
     assert f"<lora:{OUTPUT}:1>" in text, text
     assert page.locator("#loraclr_result table.loraclr-report").count() == 1
     assert f"{OUTPUT}.safetensors" in page.locator("#loraclr_list").first.inner_text()
+    # The preview grid: the WebUI's own images, whole, inside the result panel.
+    figure = page.locator("#loraclr_result figure.loraclr-preview").first
+    figure.wait_for()
+    image = figure.locator("img")
+    natural = image.evaluate("e => [e.complete, e.naturalWidth, e.naturalHeight]")
+    assert natural[0] and natural[1] == 64 * (len(concepts) + 2), natural
+    assert inside(image.bounding_box(), result.first.bounding_box())
+    figure.screenshot(path=str(ARTIFACTS / f"live_{NAME}_preview.png"))
     assert not page.errors, page.errors

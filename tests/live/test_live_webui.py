@@ -127,3 +127,34 @@ def test_merged_lora_loads_with_no_unmatched_keys(webui: WebUI, concepts: list[d
     assert not re.search(r"unmatched keys|skipped [1-9]\d* keys", text)  # Forge, reForge
     forge_lines = re.findall(r"Loaded .*live_keys.* with (\d+) keys", text)
     assert all(int(n) > 0 for n in forge_lines)
+
+
+def test_preview_is_drawn_and_leaves_generation_unchanged(
+    webui: WebUI, concepts: list[dict]
+) -> None:
+    """The preview grid comes from the WebUI's own txt2img (one image per cell, the new
+    file found by name) and leaves the WebUI as it was: the same seeded images after it,
+    nothing new in the outputs folder."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    prompt = f"{concepts[0]['prompt']} <lora:{concepts[0]['name']}:1>"
+    before_lora, before_plain = webui.generate(prompt), webui.generate(PLAIN)
+    start = Path(LOG).stat().st_size if LOG else 0
+    reply = webui.merge(concepts, "live_preview", overwrite=True, preview=True)
+    assert reply.status == 200, reply.body
+    preview = reply.body["preview"]
+    assert preview and preview["png_base64"], preview
+    grid = Image.open(io.BytesIO(base64.b64decode(preview["png_base64"])))
+    cells = preview["cells"]
+    assert len(cells) == len(concepts) + 2 and grid.width == 64 * len(cells), preview["summary"]
+    assert all("<lora:live_preview:1>" in c["prompt"] for c in cells[:-1])
+    assert all(f"<lora:{c['name']}:" in cells[-1]["prompt"] for c in concepts)
+    if LOG:  # every tag found: A1111 logs "Networks not found", Forge "not found"
+        text = Path(LOG).read_bytes()[start:].decode(errors="replace")
+        assert "not found" not in text.lower(), text[-2000:]
+    after_lora, after_plain = decode(webui.generate(prompt)), decode(webui.generate(PLAIN))
+    assert after_lora == decode(before_lora), _differing(after_lora, decode(before_lora))
+    assert after_plain == decode(before_plain), _differing(after_plain, decode(before_plain))
