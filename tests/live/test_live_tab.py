@@ -11,7 +11,8 @@ and checks: the WebUI's progress bar shows inside the tab's own progress area, t
 panel names ``<lora:live_tab:1>`` with the report, the LoRA list shows the new file without
 a restart, and the page raised no error. Screenshots go to ``test-artifacts/``
 (git-ignored): ``live_<name>_start.png``, ``…_during.png`` (progress bar up),
-``…_after.png`` (result panel and report) and ``…_preview.png`` (the preview grid, ticked); ``<name>`` is ``LORACLR_LIVE_NAME`` or the port.
+``…_after.png`` (result panel and report) and ``…_preview.png`` (the preview grid,
+ticked); ``<name>`` is ``LORACLR_LIVE_NAME`` or the port.
 """
 
 from __future__ import annotations
