@@ -40,7 +40,7 @@ class PreviewGrid:
 
     Attributes:
         image: the grid, one row: ``len(cells)`` images of ``size`` px side by side, each
-            with its label underneath (``PIL.Image``, RGB).
+            with its number and label underneath (``PIL.Image``, RGB).
         cells: what each image shows, left to right.
         seconds: wall time of drawing every image.
     """
@@ -94,7 +94,8 @@ def render_grid(
         progress.advance()
     _check(progress)
     return PreviewGrid(
-        image=compose(images, [c.label for c in cells]),
+        # Numbered like the caption's list: under a small image the label is cut short.
+        image=compose(images, [f"{i} {c.label}" for i, c in enumerate(cells, 1)]),
         cells=list(cells),
         steps=steps,
         size=size,
