@@ -25,9 +25,11 @@ STAGES: tuple[tuple[str, str, float], ...] = (
     ("solve", "Solving", 0.12),
     ("report", "Measuring", 0.22),
     ("write", "", 0.12),  # no engine stage: follows the last one
+    ("preview", "Preview", 0.40),  # only when asked for: images drawn by the WebUI's txt2img
 )
 """Stage weights from CPU and GPU runs of two SD 1.5 LoRAs (collect ≈ half, the report ≤ a
-quarter). Only their order matters for a monotone bar; their sizes make the ETA sane."""
+quarter; a preview took 1.6× the rest of a merge in a real A1111 on a CPU). Only their
+order matters for a monotone bar; their sizes make the ETA sane."""
 
 
 @dataclass
@@ -37,9 +39,10 @@ class Span:
     end: float
 
 
-def spans(quality: bool = True) -> list[Span]:
-    """The stages' slices of [0, 1], without the report when it is off."""
-    used = [s for s in STAGES if quality or s[0] != "report"]
+def spans(quality: bool = True, preview: bool = False) -> list[Span]:
+    """The stages' slices of [0, 1], without the report or the preview when they are off."""
+    off = {key for key, on in (("report", quality), ("preview", preview)) if not on}
+    used = [s for s in STAGES if s[0] not in off]
     total = sum(w for _, _, w in used)
     out, start = [], 0.0
     for key, _, weight in used:
@@ -103,12 +106,20 @@ class StateProgress:
         state: ``shared.state`` (inside a job begun by the caller).
         quality: whether the merge measures quality (the report's slice is left out if not).
         snapshot: updated alongside ``state`` for the status route.
+        preview: whether a preview follows (its slice, last, is :class:`PreviewProgress`'s).
     """
 
-    def __init__(self, state: Any, *, quality: bool = True, snapshot: Snapshot | None = None):
+    def __init__(
+        self,
+        state: Any,
+        *,
+        quality: bool = True,
+        snapshot: Snapshot | None = None,
+        preview: bool = False,
+    ):
         self.state = state
         self.snapshot = snapshot
-        self.spans = spans(quality)
+        self.spans = spans(quality, preview)
         self.span = self.spans[0]
         self.total = 1
         self.done = 0
@@ -136,7 +147,7 @@ class StateProgress:
         self._move(span.start + (span.end - span.start) * self.done / self.total)
         if self.done >= self.total and self._next_is_write():
             self.text = "writing the file"
-            self.span = self.spans[-1]
+            self.span = self._write_span()
             self.done, self.total = 0, 1
             self._show(self.text)
 
@@ -156,9 +167,16 @@ class StateProgress:
         later = [s.start for s in self.spans if s.start > now]
         return Span("other", now, min(later, default=self.span.end))
 
+    def _write_span(self) -> Span:
+        return next(s for s in self.spans if s.key == "write")
+
     def _next_is_write(self) -> bool:
         index = next((i for i, s in enumerate(self.spans) if s is self.span), None)
-        return index is not None and self.spans[index + 1 :][:1] == [self.spans[-1]]
+        return index is not None and self.spans[index + 1 :][:1] == [self._write_span()]
+
+    def preview_start(self) -> float:
+        """Where the preview's slice of the bar begins (1.0 without one)."""
+        return next((s.start for s in self.spans if s.key == "preview"), 1.0)
 
     def _move(self, fraction: float) -> None:
         step = max(self.state.sampling_step, min(round(fraction * RESOLUTION), RESOLUTION - 1))
@@ -174,30 +192,37 @@ class StateProgress:
 
 
 class PreviewProgress:
-    """The preview grid's progress on ``state``, after the merge's: one WebUI job per image.
+    """The preview grid's progress on ``state``: the last slice of the merge's one bar,
+    from ``start`` to 1.
 
     The WebUI's txt2img drives ``sampling_step``/``sampling_steps`` and calls
-    ``state.nextjob()`` for each image, so the bar counts ``job_no`` of ``job_count``
-    images, each filled by its own sampler steps; the clock restarts with the preview, so
-    the WebUI's ETA is the preview's. ``snapshot`` (the status route) names the image.
+    ``state.nextjob()`` (``job_no`` + 1) for each image. With ``job_count = n / (1 − start)``
+    and ``job_no`` starting at ``start · job_count``, the WebUI's own formula
+    ``job_no/job_count + sampling_step/(sampling_steps·job_count)`` runs from ``start`` to 1
+    over the n images, each filled by its sampler's steps: the bar never goes back and the
+    ETA (from the merge's start) stays in proportion. ``snapshot`` names the image.
     """
 
-    def __init__(self, state: Any, snapshot: Snapshot | None = None) -> None:
+    def __init__(self, state: Any, snapshot: Snapshot | None = None, start: float = 0.0):
         self.state = state
         self.snapshot = snapshot
+        self.start = min(max(start, 0.0), 0.999)
         self.total = 1
         self.done = 0
+        self.jobs = 1.0
 
     def stage(self, text: str, total: int) -> None:
         self.total, self.done = max(int(total), 1), 0
-        self.state.job_count, self.state.job_no = self.total, 0
+        self.jobs = self.total / (1.0 - self.start)
+        self.state.job_count = self.jobs
+        self.state.job_no = self.start * self.jobs
         self.state.sampling_step, self.state.sampling_steps = 0, 0
-        self.state.time_start = time.time()
         self._show()
 
     def advance(self, steps: int = 1) -> None:
         self.done = min(self.done + steps, self.total)
-        self.state.job_no = self.done
+        self.state.job_no = self.start * self.jobs + self.done
+        self.state.sampling_step = 0
         self._show()
 
     def interrupted(self) -> bool:
@@ -209,3 +234,4 @@ class PreviewProgress:
         self.state.textinfo = f"LoRACLR: {text}"
         if self.snapshot is not None:
             self.snapshot.stage = text
+            self.snapshot.fraction = self.start + (1 - self.start) * self.done / self.total

@@ -283,7 +283,9 @@ class WebuiContext:
         snapshot = Snapshot(output=options.output, source=source)
         with self._status_lock:
             self._last = snapshot
-        progress = StateProgress(self.shared.state, quality=options.quality, snapshot=snapshot)
+        progress = StateProgress(
+            self.shared.state, quality=options.quality, snapshot=snapshot, preview=options.preview
+        )
         try:
             specs = [ConceptSpec(self.resolve(r.name), r.prompt, float(r.strength)) for r in rows]
             out = output_path(self.output_dir(), options.output)
@@ -305,7 +307,7 @@ class WebuiContext:
         try:
             self.refresh_networks(written=out.stem)
             if options.preview:
-                self.preview(result, snapshot)
+                self.preview(result, snapshot, start=progress.preview_start())
         finally:
             self._finish(snapshot, f"wrote {out.name}")
         return result
@@ -316,15 +318,16 @@ class WebuiContext:
             if outcome.startswith("wrote"):
                 snapshot.stage, snapshot.fraction = "done", 1.0
 
-    def preview(self, result: Any, snapshot: Snapshot | None = None) -> None:
+    def preview(self, result: Any, snapshot: Snapshot | None = None, start: float = 0.0) -> None:
         """Draw the preview grid of a written merge with the WebUI's own txt2img (after
-        :meth:`refresh_networks`, so ``<lora:NAME:1>`` finds the new file). Never raises
-        for the preview itself: a stop or failure is said in ``result.preview_note``."""
+        :meth:`refresh_networks`, so ``<lora:NAME:1>`` finds the new file), on the
+        progress bar from ``start`` to the end. Never raises for the preview itself: a
+        stop or failure is said in ``result.preview_note``."""
         from loraclr_ext.engine import add_preview
         from loraclr_ext.preview.webui import WebuiRenderer
 
         renderer = WebuiRenderer(self.processing, self.model(), self.generation_files())
-        add_preview(result, renderer, PreviewProgress(self.shared.state, snapshot))
+        add_preview(result, renderer, PreviewProgress(self.shared.state, snapshot, start))
 
     def generation_files(self) -> list[Path]:
         """Files the WebUI rewrites on every generation (``params.txt``, the last prompt)."""

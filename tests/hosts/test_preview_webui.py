@@ -45,7 +45,9 @@ def test_preview_is_the_webuis_own_txt2img_of_the_new_file(webui, txt2img, monke
     state, seen, draw = webui["shared"].state, [], processing.process_images
 
     def watched(p):
-        seen.append((state.job_no, state.job_count, state.textinfo))
+        from modules.progress import progress_of
+
+        seen.append((progress_of(state)[0], state.textinfo))
         return draw(p)
 
     monkeypatch.setattr(processing, "process_images", watched)
@@ -77,8 +79,14 @@ def test_preview_is_the_webuis_own_txt2img_of_the_new_file(webui, txt2img, monke
     }  # no image saved anywhere in the Lora folder
     status = webui["ctx"].status()
     assert status["outcome"] == "wrote duo.safetensors" and status["stage"] == "done"
-    # One WebUI job per image, so its progress bar and ETA count the preview's images.
-    assert seen == [(i, 4, f"LoRACLR: preview image {i + 1} of 4") for i in range(4)]
+    # The preview is the last slice of the merge's one bar: the WebUI's progress formula
+    # goes on from where the merge left it, one step per image, never back.
+    assert [text for _, text in seen] == [f"LoRACLR: preview image {i} of 4" for i in range(1, 5)]
+    bar = [value for value, _ in seen]
+    start = bar[0]
+    assert 0.5 < start < 0.7 and bar == pytest.approx(
+        [start + (1 - start) * i / 4 for i in range(4)]
+    )
 
     html = render.result_panel(result)
     encoded = re.search(r"src='data:image/png;base64,([^']+)'", html).group(1)
