@@ -11,6 +11,7 @@ and ``sampling_step`` counts thousandths of the whole merge.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -196,11 +197,13 @@ class PreviewProgress:
     from ``start`` to 1.
 
     The WebUI's txt2img drives ``sampling_step``/``sampling_steps`` and calls
-    ``state.nextjob()`` (``job_no`` + 1) for each image. With ``job_count = n / (1 − start)``
-    and ``job_no`` starting at ``start · job_count``, the WebUI's own formula
-    ``job_no/job_count + sampling_step/(sampling_steps·job_count)`` runs from ``start`` to 1
-    over the n images, each filled by its sampler's steps: the bar never goes back and the
-    ETA (from the merge's start) stays in proportion. ``snapshot`` names the image.
+    ``state.nextjob()`` (``job_no`` + 1) for each image. With ``job_count = ⌈n / (1 − start)⌉``
+    and ``job_no`` starting at ``job_count − n``, the WebUI's own formula
+    ``job_no/job_count + sampling_step/(sampling_steps·job_count)`` runs from (just past)
+    ``start`` to 1 over the n images, each filled by its sampler's steps: the bar never goes
+    back and the ETA (from the merge's start) stays in proportion. The counts are whole
+    numbers: Forge's console bar multiplies them by the steps (a real Forge printed
+    ``42/117.99999999999994`` with fractional ones). ``snapshot`` names the image.
     """
 
     def __init__(self, state: Any, snapshot: Snapshot | None = None, start: float = 0.0):
@@ -209,19 +212,20 @@ class PreviewProgress:
         self.start = min(max(start, 0.0), 0.999)
         self.total = 1
         self.done = 0
-        self.jobs = 1.0
+        self.jobs = 1
 
     def stage(self, text: str, total: int) -> None:
         self.total, self.done = max(int(total), 1), 0
-        self.jobs = self.total / (1.0 - self.start)
+        self.jobs = math.ceil(self.total / (1.0 - self.start) - 1e-9)
+        self.start = 1.0 - self.total / self.jobs
         self.state.job_count = self.jobs
-        self.state.job_no = self.start * self.jobs
+        self.state.job_no = self.jobs - self.total
         self.state.sampling_step, self.state.sampling_steps = 0, 0
         self._show()
 
     def advance(self, steps: int = 1) -> None:
         self.done = min(self.done + steps, self.total)
-        self.state.job_no = self.start * self.jobs + self.done
+        self.state.job_no = self.jobs - self.total + self.done
         self.state.sampling_step = 0
         self._show()
 

@@ -42,12 +42,13 @@ def test_preview_is_the_webuis_own_txt2img_of_the_new_file(webui, txt2img, monke
 
     processing, params = txt2img
     params.write_text("the user's last prompt")
-    state, seen, draw = webui["shared"].state, [], processing.process_images
+    state, seen, counts, draw = webui["shared"].state, [], [], processing.process_images
 
     def watched(p):
         from modules.progress import progress_of
 
         seen.append((progress_of(state)[0], state.textinfo))
+        counts.append((state.job_no, state.job_count))
         return draw(p)
 
     monkeypatch.setattr(processing, "process_images", watched)
@@ -82,6 +83,8 @@ def test_preview_is_the_webuis_own_txt2img_of_the_new_file(webui, txt2img, monke
     # The preview is the last slice of the merge's one bar: the WebUI's progress formula
     # goes on from where the merge left it, one step per image, never back.
     assert [text for _, text in seen] == [f"LoRACLR: preview image {i} of 4" for i in range(1, 5)]
+    # whole numbers: Forge's console bar multiplies them by the sampler's steps
+    assert all(isinstance(v, int) for pair in counts for v in pair), counts
     bar = [value for value, _ in seen]
     start = bar[0]
     assert 0.5 < start < 0.7 and bar == pytest.approx(
