@@ -179,6 +179,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def _preview_path(args: argparse.Namespace, options: MergeOptions) -> Path | None:
     """Where the preview grid goes; checked before any work like the merged file itself."""
+    from loraclr_ext.files.publish import refuse_existing
+
     if not options.preview:
         if args.preview_file is not None:
             raise InvalidInputError("--preview-file needs --preview.")
@@ -188,8 +190,7 @@ def _preview_path(args: argparse.Namespace, options: MergeOptions) -> Path | Non
         raise InvalidInputError(f"--preview-file {path.name} must end in .png.")
     if not path.parent.is_dir():
         raise InvalidInputError(f"Preview folder {path.parent} does not exist; create it first.")
-    if path.exists() and not options.overwrite:
-        raise InvalidInputError(f"{path} already exists; choose another name or allow overwrite.")
+    refuse_existing([path], options.overwrite)
     return path
 
 

@@ -12,7 +12,7 @@ Lora extension swaps them out then, and a merge runs on clean weights).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +26,18 @@ SAMPLER = "DPM++ 2M"
 class WebuiRenderer:
     """Draws preview cells with the running WebUI's txt2img.
 
+    Every generation rewrites the WebUI's last-prompt file; draw the whole grid inside
+    :func:`kept` for it.
+
     Args:
         processing: the WebUI's ``modules.processing``.
         sd_model: the loaded model (``shared.sd_model``).
-        keep: files the WebUI writes on every generation that a preview must leave as they
-            were (``<data_path>/params.txt``).
         sampler: the sampler's name in the WebUI.
     """
 
-    def __init__(
-        self,
-        processing: Any,
-        sd_model: Any,
-        keep: Sequence[Path] = (),
-        sampler: str = SAMPLER,
-    ) -> None:
+    def __init__(self, processing: Any, sd_model: Any, sampler: str = SAMPLER) -> None:
         self.processing = processing
         self.sd_model = sd_model
-        self.keep = list(keep)
         self.sampler = sampler
 
     def render(self, cell: PreviewCell, *, seed: int, steps: int, size: int, cfg: float) -> Any:
@@ -67,15 +61,12 @@ class WebuiRenderer:
             do_not_save_samples=True,
             do_not_save_grid=True,
         )
-        with ExitStack() as stack:
-            for path in self.keep:
-                stack.enter_context(kept(path))
-            try:
-                processed = self.processing.process_images(p)
-            finally:
-                close = getattr(p, "close", None)
-                if callable(close):
-                    close()
+        try:
+            processed = self.processing.process_images(p)
+        finally:
+            close = getattr(p, "close", None)
+            if callable(close):
+                close()
         images = list(getattr(processed, "images", None) or [])
         if not images:
             raise LoraClrError(f"The WebUI returned no image for {cell.label!r}.")
@@ -83,13 +74,15 @@ class WebuiRenderer:
 
 
 @contextmanager
-def kept(path: Path) -> Iterator[None]:
-    """Leave ``path`` as it was: its bytes put back, or the file removed if it was absent."""
-    before = path.read_bytes() if path.is_file() else None
+def kept(paths: Sequence[Path]) -> Iterator[None]:
+    """Leave every file of ``paths`` as it was: its bytes put back, or the file removed if
+    it was absent (read once before and once after, however many images ran inside)."""
+    before = {path: path.read_bytes() if path.is_file() else None for path in paths}
     try:
         yield
     finally:
-        if before is None:
-            path.unlink(missing_ok=True)
-        elif not path.is_file() or path.read_bytes() != before:
-            path.write_bytes(before)
+        for path, data in before.items():
+            if data is None:
+                path.unlink(missing_ok=True)
+            elif not path.is_file() or path.read_bytes() != data:
+                path.write_bytes(data)

@@ -324,10 +324,11 @@ class WebuiContext:
         progress bar from ``start`` to the end. Never raises for the preview itself: a
         stop or failure is said in ``result.preview_note``."""
         from loraclr_ext.engine import add_preview
-        from loraclr_ext.preview.webui import WebuiRenderer
+        from loraclr_ext.preview.webui import WebuiRenderer, kept
 
-        renderer = WebuiRenderer(self.processing, self.model(), self.generation_files())
-        add_preview(result, renderer, PreviewProgress(self.shared.state, snapshot, start))
+        renderer = WebuiRenderer(self.processing, self.model())
+        with kept(self.generation_files()):
+            add_preview(result, renderer, PreviewProgress(self.shared.state, snapshot, start))
 
     def generation_files(self) -> list[Path]:
         """Files the WebUI rewrites on every generation (``params.txt``, the last prompt)."""
