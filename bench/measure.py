@@ -18,11 +18,16 @@ T = TypeVar("T")
 
 @dataclass
 class Measured:
-    """Wall time (s) and peak memory growth (MiB) of one call, with its result."""
+    """Wall time (s), peak memory growth (MiB) and the call's result.
+
+    ``peak_mib``: on CUDA the allocator's peak beyond what was allocated before, elsewhere
+    the process's resident memory (RSS) growth; ``host_peak_mib``: RSS growth everywhere.
+    """
 
     seconds: float
     peak_mib: float
     result: object
+    host_peak_mib: float = 0.0
 
 
 def _rss_bytes() -> int:
@@ -36,40 +41,47 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+class _RssPeak:
+    """Samples the resident set size every millisecond in a thread; ``growth`` in bytes."""
+
+    def __init__(self) -> None:
+        _trim()
+        self.base = self.peak = _rss_bytes()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while not self.done.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(0.001)
+
+    def stop(self) -> int:
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+        return self.peak - self.base
+
+
 def measure(fn: Callable[[], T], device: torch.device) -> Measured:
-    """Run ``fn`` once; on CUDA peak allocated memory, on CPU peak RSS growth sampled at 1 ms."""
-    if device.type == "cuda":
+    """Run ``fn`` once; peak device memory (CUDA) or RSS growth, and RSS growth."""
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         start_mem = torch.cuda.memory_allocated(device)
-        t0 = time.perf_counter()
-        result = fn()
-        torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated(device) - start_mem
-        return Measured(seconds, peak / 2**20, result)
-    _trim()
-    base = _rss_bytes()
-    peak = [base]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
+    rss = _RssPeak()
     t0 = time.perf_counter()
     try:
         result = fn()
+        if cuda:
+            torch.cuda.synchronize(device)
     finally:
         seconds = time.perf_counter() - t0
-        done.set()
-        thread.join()
-    peak[0] = max(peak[0], _rss_bytes())
-    return Measured(seconds, (peak[0] - base) / 2**20, result)
+        host = rss.stop() / 2**20
+    peak = (torch.cuda.max_memory_allocated(device) - start_mem) / 2**20 if cuda else host
+    return Measured(seconds, peak, result, host)
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:

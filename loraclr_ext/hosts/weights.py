@@ -64,12 +64,29 @@ def _tensor_stats(t: torch.Tensor) -> torch.Tensor:
     values as Python floats either way."""
     with torch.inference_mode(False), torch.no_grad():
         flat = readable(t).reshape(-1)
-        wide = flat.to(solve_dtype(flat.device))  # fp64 where the device has it (not MPS)
+        wide = solve_dtype(flat.device)  # fp64 where the device has it (not MPS)
+        if not flat.is_floating_point():  # integer and bool buffers: small, cast them
+            flat = flat.to(wide)
+        sums = torch.stack([_chunked_sum(flat, wide), _chunked_sum(flat.abs(), wide)])
         # Integer arithmetic: a float32 linspace rounds indices past 2**24 out of range.
         idx = torch.arange(16, device=flat.device) * max(flat.numel() - 1, 0) // 15
-        samples = wide[idx] if flat.numel() else torch.zeros(16, dtype=wide.dtype)
-        stats = torch.cat([torch.stack([wide.sum(), wide.abs().sum()]), samples.to(wide.device)])
-        return stats.cpu()
+        samples = flat[idx].to(wide) if flat.numel() else torch.zeros(16, dtype=wide)
+        return torch.cat([sums, samples.to(sums.device)]).cpu()
+
+
+CHUNK = 4096
+
+
+def _chunked_sum(flat: torch.Tensor, wide: torch.dtype) -> torch.Tensor:
+    """Sum of ``flat`` as fp32 sums of consecutive runs of ``CHUNK`` elements, added in
+    ``wide``. A run's order is fixed (one thread reduces it), so the result does not depend
+    on the thread count; it is 20× faster on a CPU than widening every element to fp64
+    (which cost 5 s per check of an SD 1.5 UNet), and a one-element change above ~1e-7 of
+    its run's sum still shows."""
+    whole = flat.numel() - flat.numel() % CHUNK
+    runs = flat[:whole].reshape(-1, CHUNK).sum(dim=1, dtype=torch.float32)
+    tail = flat[whole:].sum(dtype=torch.float32).reshape(1)
+    return torch.cat([runs, tail]).to(wide).sum()
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

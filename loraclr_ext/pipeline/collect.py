@@ -9,7 +9,7 @@ seed and timesteps, so their features align position by position.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -80,20 +80,38 @@ def fit_prompts(prompt: str) -> list[str]:
 
 
 def new_stats(
-    plan: MergePlan, shapes: Mapping[ModuleRef, tuple[int, int]], device: torch.device
+    plan: MergePlan,
+    shapes: Mapping[ModuleRef, tuple[int, int]],
+    device: torch.device,
+    refs: Sequence[ModuleRef] | None = None,
 ) -> dict[ModuleRef, LayerStats]:
-    """One accumulator per target layer; a concept that lacks the layer has rank 0 there."""
+    """One accumulator per target layer (``refs``, default all of the plan's); a concept
+    that lacks the layer has rank 0 there."""
     stats = {}
-    for ref in plan.refs:
+    for ref in refs if refs is not None else plan.refs:
         fan_in = shapes[ref][1]
         downs = [
             c.deltas[ref].down if ref in c.deltas else torch.zeros(0, fan_in) for c in plan.concepts
         ]
-        basis = None
-        if plan.options.subspace == "lora" or fan_in > DENSE_LIMIT:
-            basis = down_span(downs)
+        basis = None if basis_rows(plan, ref, fan_in) is None else down_span(downs)
         stats[ref] = LayerStats(downs, basis=basis, seed=plan.options.seed, device=device)
     return stats
+
+
+def basis_rows(plan: MergePlan, ref: ModuleRef, fan_in: int) -> int | None:
+    """At most how many rows the layer's statistics basis has (``None``: no basis, the
+    statistics are over all ``fan_in`` inputs)."""
+    if plan.options.subspace == "full" and fan_in <= DENSE_LIMIT:
+        return None
+    ranks = sum(c.deltas[ref].rank for c in plan.concepts if ref in c.deltas)
+    return min(ranks, fan_in)
+
+
+def recording_steps(plan: MergePlan, refs: Collection[ModuleRef]) -> int:
+    """Progress steps of recording ``refs``: per concept one for the text stage, plus the
+    denoising steps when any of them is a UNet layer recorded by the denoising run."""
+    spatial = any(r.component == "unet" and not is_cross_kv(r) for r in refs)
+    return (1 + (plan.options.recording[0] if spatial else 0)) * len(plan.concepts)
 
 
 def down_span(downs: list[torch.Tensor]) -> torch.Tensor:
@@ -121,8 +139,7 @@ def collect(
         for r, m in modules.items()
         if r.component == "unet" and r in stats and not is_cross_kv(r)
     }
-    steps_per_concept = 1 + (options.recording[0] if spatial else 0)
-    progress.stage("Recording concept features", steps_per_concept * len(plan.concepts))
+    progress.stage("Recording concept features", recording_steps(plan, stats))
     for i, concept in enumerate(plan.concepts):
         check_interrupt(progress)
         cond = _text_stage(host, concept, i, triggers[i], text, kv, modules, stats, options)

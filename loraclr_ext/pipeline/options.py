@@ -111,6 +111,15 @@ class MergeOptions:
         "Input directions the merged down factor may read: 'lora' = the span of the inputs' "
         "down factors (generalises to unseen prompts; exact for one LoRA), 'full' = all",
     )
+    memory_budget: float = _opt(
+        0.0,
+        "Device memory (GB) the merge may use beyond the loaded model; 0 = auto (the free "
+        "memory, less a tenth of the card). When the layers' statistics do not fit, they are "
+        "recorded in several passes (slower) instead of running out of memory",
+        minimum=0.0,
+        maximum=1024.0,
+        zero="auto",
+    )
     precision: Precision = _opt("fp16", "Tensor precision of the saved file")
     overwrite: bool = _opt(False, "Replace an existing file of the same name")
     quality: bool = _opt(

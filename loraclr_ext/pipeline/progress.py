@@ -40,3 +40,29 @@ def check_interrupt(progress: Progress) -> None:
     """Raise :class:`MergeInterruptedError` if the user asked to stop."""
     if progress.interrupted():
         raise MergeInterruptedError("Merge interrupted; nothing was written.")
+
+
+class InPasses:
+    """Progress of a merge recorded in passes (a memory budget split its layers): the
+    first stage opens one "Recording" stage of ``total`` steps (every pass's recording and
+    solving steps); later stages only add their steps to it, so a bar never goes back."""
+
+    def __init__(self, progress: Progress, total: int, passes: int) -> None:
+        self.inner = progress
+        self.total = total
+        self.passes = passes
+        self.started = False
+
+    def stage(self, text: str, total: int) -> None:
+        if not self.started:
+            self.started = True
+            self.inner.stage(
+                f"Recording concept features and solving layers in {self.passes} passes",
+                self.total,
+            )
+
+    def advance(self, steps: int = 1) -> None:
+        self.inner.advance(steps)
+
+    def interrupted(self) -> bool:
+        return self.inner.interrupted()

@@ -39,7 +39,7 @@ class TokenSample:
         self.capacity = capacity
         self.seed = seed
         self.calls = 0
-        self.rows: torch.Tensor | None = None  # [m, in] fp32
+        self.rows: torch.Tensor | None = None  # [m, in], in the offered rows' dtype
         self.keys: torch.Tensor | None = None  # [m]
 
     def offer(self, rows: torch.Tensor, weights: torch.Tensor | None) -> None:
@@ -103,8 +103,12 @@ class LayerStats:
         self.device = torch.device(device)
         self.dtype = dtype
         self.in_features = in_features
-        self.downs = [d.detach().to(self.device, dtype) for d in downs]
+        # The concepts' own factors stay where the caller keeps them (the CPU, beside the
+        # plan): the solver reads them once per layer. Only what ``add`` multiplies by
+        # every call lives on the device: the basis and each down in its coordinates.
+        self.downs = [d.detach().to(dtype=dtype) for d in downs]
         self.basis = None if basis is None else basis.detach().to(self.device, dtype)
+        self._readers = [self._reader(d) for d in self.downs]
         dim = in_features if basis is None else int(basis.shape[0])
         self.dim = dim
         self.gram = torch.zeros(dim, dim, device=self.device, dtype=dtype)
@@ -117,6 +121,44 @@ class LayerStats:
         self.rows = [0] * len(downs)
         self.weight = [0.0] * len(downs)
         self.samples = [TokenSample(sample_size, seed) for _ in downs]
+
+    def _reader(self, down: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """What turns a batch into ``down x`` on the device: ``down`` itself ``[r, in]``, or,
+        when the basis spans it (the engine's case), its coordinates ``down Bᵀ`` ``[r, k]``
+        applied to ``z = B x`` — k ≤ Σ r columns instead of ``in``."""
+        down = down.to(self.device)
+        if self.basis is None or down.numel() == 0:
+            return down, False
+        coords = down @ self.basis.T
+        residual = torch.linalg.matrix_norm(coords @ self.basis - down)
+        if residual > 1e-4 * torch.linalg.matrix_norm(down).clamp_min(1e-30):
+            return down, False
+        return coords, True
+
+    @staticmethod
+    def footprint(
+        in_features: int,
+        ranks: Sequence[int],
+        basis_rows: int | None,
+        *,
+        sample_size: int = 64,
+        sample_bytes: int = 4,
+        dtype_bytes: int = 4,
+    ) -> int:
+        """Device bytes a layer's statistics reach once every concept was recorded: the
+        Grams ``[d, d]`` (concepts' and neutral), ``cross``/``self_cross``, the basis
+        ``[k, in]`` and the downs in its coordinates, and full row samples ``[m, in]`` per
+        concept in the activations' dtype (``sample_bytes`` per element) and their fp64
+        keys (those stay on the CPU, but are counted)."""
+        total_rank = sum(ranks)
+        dim = in_features if basis_rows is None else basis_rows
+        grams = 2 * dim * dim
+        cross = total_rank * dim + sum(r * r for r in ranks)
+        basis = 0 if basis_rows is None else basis_rows * in_features
+        readers = total_rank * dim
+        floats = grams + cross + basis + readers
+        samples = len(ranks) * sample_size * (in_features * sample_bytes + 8)
+        return floats * dtype_bytes + samples
 
     @property
     def concepts(self) -> int:
@@ -147,13 +189,17 @@ class LayerStats:
         if not 0 <= concept < self.concepts:
             raise SolverError(f"Concept index {concept} out of range 0..{self.concepts - 1}.")
         self.gram += gram
-        a = x @ self.downs[concept].T  # [t, r_i]
+        reader, in_coords = self._readers[concept]
+        a = (z if in_coords else x) @ reader.T  # [t, r_i] = down_i x
         aw = a if w is None else a * w[:, None]
         self.cross[concept] += aw.T @ z
         self.self_cross[concept] += aw.T @ a
         self.rows[concept] += int(x.shape[0])
         self.weight[concept] += float(x.shape[0]) if w is None else float(w.sum())
-        self.samples[concept].offer(x, w)
+        # Rows are sampled in the dtype the model made them in: the repel term reads them in
+        # fp32 later, and fp16 activations lose nothing kept as fp16 (half the memory).
+        kept = rows.detach() if rows.is_floating_point() else x
+        self.samples[concept].offer(kept.to(self.device), w)
 
     def _check_rows(self, rows: torch.Tensor) -> torch.Tensor:
         if rows.ndim != 2 or rows.shape[1] != self.in_features:
