@@ -165,7 +165,6 @@ class Row:
     recipe_layers: int = 0
     objective_ratio: float = float("nan")
     objective_ratio_full: float = float("nan")
-    cpu: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -373,7 +372,6 @@ def run_case(case: Case, args, pipe, host, arch, folder: Path) -> Row:
         recipe_layers=compared,
         objective_ratio=ratio,
         objective_ratio_full=full,
-        cpu=clock.cpu,
         notes=result.notes,
     )
 

@@ -29,7 +29,8 @@ from loraclr_ext.solver import LayerStats
 ACTIVATION_BYTES = {Architecture.SD1: 8_400, Architecture.SDXL: 12_000}
 """Peak UNet activation bytes per latent pixel per byte of the model's dtype, one latent,
 no gradients, PyTorch's own attention (``bench/live_bytes.py`` on the real configs: SD 1.5
-8.3 k at 128 and 256 px; SDXL measured at 128 px). Unknown architectures use SDXL's."""
+8.3 k at 128 and 256 px). SDXL's is an estimate, not yet measured; unknown
+architectures use it too."""
 MAX_PASSES = 16
 """More passes than this would run the recording 16 times: the budget is refused instead."""
 RESERVE = 0.10
