@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 import torch
 
@@ -140,42 +137,28 @@ def test_interrupt_leaves_nothing_and_restores_weights(sd1_demo, tmp_path):
 
 
 def _collection_peak_mib(host, plan):
-    """Peak RSS growth (MiB) while recording features, sampled every millisecond."""
+    """Exact peak (MiB) of tensor memory made while recording features, and the number of
+    statistics elements. RSS sampling was tried first and is not a measure: the allocator
+    reuses freed pages, so a run could read 0.01 MiB and the next 8.7."""
+    from bench.live_bytes import LiveBytes
     from loraclr_ext.engine import flat_shape
     from loraclr_ext.pipeline.collect import collect, new_stats
     from loraclr_ext.pipeline.progress import SilentProgress
 
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-
     modules = host.modules(plan.refs)
     shapes = {r: flat_shape(m) for r, m in modules.items()}
     stats = new_stats(plan, shapes, host.device)
-    base = rss()
-    peak = [base]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    with torch.no_grad():
+    with torch.no_grad(), LiveBytes(host.device) as live:
         collect(plan, host, modules, stats, SilentProgress())
-    done.set()
-    thread.join()
     sizes = sum(
         t.numel()
         for s in stats.values()
         for t in (s.gram, *s.cross, *s.self_cross, *(x.rows for x in s.samples))
     )
-    return (peak[0] - base) / 2**20, sizes
+    return live.peak / 2**20, sizes
 
 
-def test_collection_memory_does_not_grow_with_steps_or_prompts(sd1_demo, tmp_path, monkeypatch):
+def test_statistics_size_is_fixed_and_recording_peak_flat_in_steps(sd1_demo, tmp_path, monkeypatch):
     import loraclr_ext.pipeline.collect as collect_module
 
     host = sd1_demo["host"]
@@ -190,17 +173,19 @@ def test_collection_memory_does_not_grow_with_steps_or_prompts(sd1_demo, tmp_pat
             check_shapes=False,
         )
 
-    _collection_peak_mib(host, plan_for(1))  # warm-up: allocator pools, lazy inits
     peak_small, size_small = _collection_peak_mib(host, plan_for(2))
     peak_steps, size_steps = _collection_peak_mib(host, plan_for(4))
     templates = collect_module.TEMPLATES
     monkeypatch.setattr(
         collect_module, "TEMPLATES", templates + tuple("an image of " + t for t in templates)
     )
-    peak_prompts, size_prompts = _collection_peak_mib(host, plan_for(2))
+    _, size_prompts = _collection_peak_mib(host, plan_for(2))
     assert size_small == size_steps == size_prompts  # the statistics themselves: exactly equal
-    assert peak_steps <= peak_small * 1.25 + 8
-    assert peak_prompts <= peak_small * 1.25 + 8
+    assert peak_small > 1  # the activations are counted
+    assert peak_steps <= peak_small * 1.10, (peak_small, peak_steps)
+    # More fit prompts do raise the peak (11 -> 15 MiB here when doubled): the text encoder
+    # runs all of a concept's templates as one batch. The template set is fixed, so only
+    # the statistics' size is asserted for it.
 
 
 def _locon_lora(host, path, seed):
