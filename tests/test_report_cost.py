@@ -13,7 +13,7 @@ import pytest
 
 from loraclr_ext.pipeline.collect import recording_pixels
 from loraclr_ext.pipeline.options import MergeOptions
-from loraclr_ext.report.quality import report_pixels, report_prompts, report_size
+from loraclr_ext.report.quality import report_pixels, report_prompts, report_size, report_work
 
 
 @dataclass
@@ -51,3 +51,51 @@ def test_two_concept_report_is_at_most_a_third_of_the_recording(device):
     """≤ 1/3 of the recording's UNet work, so ≤ 1/4 of the merge before solve and write."""
     p = plan(2, device)
     assert report_pixels(p) <= recording_pixels(p) / 3
+
+
+def test_report_work_grows_linearly_with_the_concepts():
+    """Every LoRA on every prompt was quadratic (17 configurations × 14 prompts = 238 images
+    at 12 concepts); each LoRA on its own and the neutral prompts, plus the others stacked
+    on its own, is 118."""
+    for n in (2, 4, 8, 12):  # base + 4 methods on n + 2 prompts, 3 per LoRA, 1 per others
+        assert report_work(plan(n, "cpu")) == 5 * (n + 2) + 3 * n + n
+    assert report_work(plan(12, "cpu")) == 118
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_the_report_runs_exactly_report_work_unet_images(sd1_demo, tmp_path, count):
+    """Images through the UNet during the report, counted by a hook on the real model."""
+    from test_engine import specs
+
+    from loraclr_ext.model.architecture import Architecture
+    from loraclr_ext.pipeline.plan import plan_merge
+    from loraclr_ext.pipeline.progress import SilentProgress
+    from loraclr_ext.report.quality import baselines, evaluate
+
+    host = sd1_demo["host"]
+    options = MergeOptions(size=128, steps=1, quality=True)
+    p = plan_merge(
+        specs(sd1_demo, count),
+        options,
+        Architecture.SD1,
+        tmp_path / "x.safetensors",
+        check_shapes=False,
+    )
+    modules = host.modules(p.refs)
+    merged = baselines(p)["stacked"]
+    images = []
+    handle = host.pipe.unet.register_forward_pre_hook(
+        lambda m, args: images.append(int(args[0].shape[0]))
+    )
+    try:
+        report = evaluate(p, host, modules, merged, {}, SilentProgress())
+    finally:
+        handle.remove()
+    assert sum(images) == report_work(p, methods=3)
+    stacking = report.method("stacked")
+    assert [c.concept for c in stacking.concepts] == [c.name for c in p.concepts]
+    # merged = stacking here, so the two rows agree exactly
+    assert [c.leak for c in report.method("loraclr").concepts] == [
+        c.leak for c in stacking.concepts
+    ]
+    assert all(0.5 < c.leak < 1.5 for c in stacking.concepts)

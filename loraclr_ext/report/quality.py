@@ -11,7 +11,7 @@ Shares (leak, bleed) are least-squares coefficients on the concepts' effects
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,10 +58,17 @@ def report_prompts(plan: MergePlan) -> tuple[list[str], int]:
 
 
 def report_work(plan: MergePlan, methods: int = 4) -> int:
-    """UNet image evaluations of the report at :func:`report_size`: every configuration
-    (base, each concept alone, each method) runs once on every report prompt."""
-    prompts, _ = report_prompts(plan)
-    return (1 + len(plan.concepts) + methods) * len(prompts)
+    """UNet image evaluations of the report at :func:`report_size`: the base model and every
+    method run on every report prompt; each concept's LoRA alone on its own held-out prompts
+    and the neutral ones; the other LoRAs stacked on each concept's held-out prompts. Linear
+    in the number of concepts (every LoRA on every prompt would be quadratic: 238 images
+    instead of 118 at 12 concepts)."""
+    prompts, neutral_start = report_prompts(plan)
+    n = len(plan.concepts)
+    neutral = len(prompts) - neutral_start
+    singles = n * (HELD_OUT_PER_CONCEPT + neutral)
+    others = n * HELD_OUT_PER_CONCEPT if n > 1 else 0
+    return (1 + methods) * len(prompts) + singles + others
 
 
 def report_pixels(plan: MergePlan, methods: int = 4) -> int:
@@ -81,9 +88,10 @@ class ConceptScore:
         text_trigger: relative error of the conditioning at the trigger tokens.
         text_all: relative error over all conditioning tokens.
         unet: relative error of the UNet output.
-        leak: share of the other LoRAs' summed effect that the method's UNet output carries
-            on these prompts (least squares on own and others' effects, ``report.shares``):
-            stacking ≈ 1, averaging n LoRAs ≈ 1/n, 0 = no bleed, < 0 = pushed away.
+        leak: share of the other LoRAs' effect (all of them applied together, as stacking
+            them would) that the method's UNet output carries on these prompts (least
+            squares on own and others' effects, ``report.shares``): stacking ≈ 1,
+            averaging n LoRAs ≈ 1/n, 0 = no bleed, < 0 = pushed away.
     On the joint prompts naming it with another concept, at its own trigger tokens
     (``report.joint``; NaN for a one-concept merge):
         joint_text / joint_kv: relative error of the conditioning / the cross-attention keys
@@ -177,18 +185,27 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def baselines(plan: MergePlan) -> dict[str, dict[ModuleRef, ModuleDelta]]:
-    """Stacking (= kohya concat, exact ΣΔW_i) and averaging, as exact concatenated factors."""
-    refs = plan.refs
-    n = len(plan.concepts)
-    out: dict[str, dict[ModuleRef, ModuleDelta]] = {"stacked": {}, "average": {}}
+def stacked(
+    deltas: Sequence[Deltas], refs: list[ModuleRef], scale: float = 1.0
+) -> dict[ModuleRef, ModuleDelta]:
+    """``scale · Σ ΔW_i`` over ``deltas`` as exact concatenated factors (kohya's concat merge):
+    ``up [out, Σr]``, ``down [Σr, in]``, for each of ``refs`` that any of them has."""
+    out: dict[ModuleRef, ModuleDelta] = {}
     for ref in refs:
-        parts = [c.deltas[ref] for c in plan.concepts if ref in c.deltas]
+        parts = [d[ref] for d in deltas if ref in d]
+        if not parts:
+            continue
         up = torch.cat([p.up.float() for p in parts], dim=1)
         down = torch.cat([p.down.float() for p in parts])
-        out["stacked"][ref] = ModuleDelta(up, down, parts[0].kernel)
-        out["average"][ref] = ModuleDelta(up, down / n, parts[0].kernel)
+        out[ref] = ModuleDelta(up, down * scale if scale != 1.0 else down, parts[0].kernel)
     return out
+
+
+def baselines(plan: MergePlan) -> dict[str, dict[ModuleRef, ModuleDelta]]:
+    """Stacking (= kohya concat, exact ΣΔW_i) and averaging, as exact concatenated factors."""
+    deltas = [c.deltas for c in plan.concepts]
+    refs = list(plan.refs)
+    return {"stacked": stacked(deltas, refs), "average": stacked(deltas, refs, 1 / len(deltas))}
 
 
 @dataclass
@@ -243,10 +260,11 @@ def evaluate(
     """Score the merge and the baselines on held-out and neutral prompts, and on joint
     prompts naming two concepts together.
 
-    Each configuration — the base model, every concept's LoRA alone, every method — runs
-    once over all report prompts (batched), so the stage costs :func:`report_work` UNet
-    evaluations at :func:`report_size`, one progress step per configuration. The joint
-    measure runs only the text encoders and the K/V projections (one more step).
+    The base model and every method run on every report prompt, each concept's LoRA
+    alone on its own held-out and the neutral prompts, and the other LoRAs stacked on each
+    concept's held-out prompts (batched): :func:`report_work` UNet evaluations at
+    :func:`report_size`, one progress step per configuration. The joint measure runs only
+    the text encoders and the K/V projections (one more step).
     """
     methods: dict[str, Deltas] = {"loraclr": merged}
     if least_squares:
@@ -260,39 +278,49 @@ def evaluate(
     gen = torch.Generator().manual_seed(plan.options.seed + 1)
     latents = torch.randn(len(prompts), 4, size // 8, size // 8, generator=gen)
     latents = latents.to(host.device, host.dtype)
-    progress.stage("Measuring quality", 1 + n + len(methods) + 1)
+    progress.stage("Measuring quality", 1 + n + (n if n > 1 else 0) + len(methods) + 1)
 
-    def run(deltas: Deltas) -> _Outputs:
+    def run(deltas: Deltas, rows: list[int]) -> _Outputs:
         check_interrupt(progress)
-        out = _run(host, modules, deltas, prompts, latents)
+        out = _run(host, modules, deltas, [prompts[r] for r in rows], latents[rows])
         progress.advance()
         return out
 
-    base = run({})
-    owns = [run(c.deltas) for c in concepts]
-    outputs = {name: run(deltas) for name, deltas in methods.items()}
-
     per = HELD_OUT_PER_CONCEPT
+    everywhere = list(range(len(prompts)))
+    neutral = everywhere[neutral_start:]
+    held = [list(range(i * per, (i + 1) * per)) for i in range(n)]
+    base = run({}, everywhere)
+    owns = [run(c.deltas, held[i] + neutral) for i, c in enumerate(concepts)]
+    refs = list(plan.refs)
+    others = [
+        run(stacked([c.deltas for j, c in enumerate(concepts) if j != i], refs), held[i])
+        if n > 1
+        else None
+        for i in range(n)
+    ]
+    outputs = {name: run(deltas, everywhere) for name, deltas in methods.items()}
+
     scores: dict[str, list[ConceptScore]] = {m: [] for m in methods}
     for i, concept in enumerate(concepts):
         rows = slice(i * per, (i + 1) * per)
         trig = token_roles(host, prompts[rows], triggers[i]).trigger
-        own = owns[i]
-        bleed = sum(
-            (owns[j].eps[rows] - base.eps[rows] for j in range(n) if j != i),
-            torch.zeros_like(base.eps[rows]),
-        )
+        own = _head(owns[i], per)  # its held-out rows
+        b_eps = base.eps[rows]
+        other = others[i]
+        bleed = torch.zeros_like(b_eps) if other is None else other.eps - b_eps
         for name, out in outputs.items():
-            t_m, t_o, t_b = (x.cond.context[rows][trig] for x in (out, own, base))
-            leak = _leak(out.eps[rows], own.eps[rows], bleed, base.eps[rows])
+            t_m, t_b = (x.cond.context[rows][trig] for x in (out, base))
+            t_o = own.cond.context[trig]
+            leak = _leak(out.eps[rows], own.eps, bleed, b_eps)
             scores[name].append(
                 ConceptScore(
                     concept=concept.name,
                     text_trigger=_rel(t_m, t_o, t_b) if trig.any() else float("nan"),
                     text_all=_rel(
-                        out.cond.context[rows], own.cond.context[rows], base.cond.context[rows]
+                        out.cond.context[rows], own.cond.context, base.cond.context[rows]
                     ),
-                    unet=_rel(out.eps[rows], own.eps[rows], base.eps[rows]),
+                    unet=_rel(out.eps[rows], own.eps, b_eps),
                     leak=leak,
                 )
             )
@@ -309,7 +337,11 @@ def evaluate(
     for name, per_concept in joint.items():
         for score, composed in zip(scores[name], per_concept, strict=True):
             _set_joint(score, composed)
-    preservation = _preservation(base, owns, outputs, slice(neutral_start, None))
+    preservation = _preservation(
+        _neutral(base, neutral_start),
+        [_neutral(o, per) for o in owns],
+        {name: _neutral(out, neutral_start) for name, out in outputs.items()},
+    )
     return QualityReport(
         [MethodScores(m, scores[m], *preservation[m]) for m in methods],
         held_out_templates=list(HELD_OUT_TEMPLATES[:per]),
@@ -324,15 +356,25 @@ def _set_joint(score: ConceptScore, joint: JointScore) -> None:
     score.joint_bleed = joint.bleed
 
 
+def _neutral(out: _Outputs, start: int) -> _Outputs:
+    """The rows of ``out`` from ``start`` on: its neutral prompts."""
+    return _Outputs(Conditioning(out.cond.context[start:], None), out.eps[start:])
+
+
+def _head(out: _Outputs, count: int) -> _Outputs:
+    """The first ``count`` rows of ``out``."""
+    return _Outputs(Conditioning(out.cond.context[:count], None), out.eps[:count])
+
+
 def _preservation(
-    base: _Outputs, singles: list[_Outputs], outputs: Mapping[str, _Outputs], rows: slice
+    base: _Outputs, singles: list[_Outputs], outputs: Mapping[str, _Outputs]
 ) -> dict[str, tuple[float, float]]:
-    """How far each method moves the neutral prompts' outputs from the base, in units of one
-    concept LoRA's average effect on them (text, UNet)."""
+    """How far each method moves the neutral prompts' outputs (all rows given) from the
+    base, in units of one concept LoRA's average effect on them (text, UNet)."""
 
     def moved(out: _Outputs) -> tuple[float, float]:
-        text = float((out.cond.context[rows] - base.cond.context[rows]).norm())
-        return text, float((out.eps[rows] - base.eps[rows]).norm())
+        text = float((out.cond.context - base.cond.context).norm())
+        return text, float((out.eps - base.eps).norm())
 
     units = [moved(s) for s in singles]
     unit_text = sum(u[0] for u in units) / len(units)

@@ -36,7 +36,8 @@ COLUMN_HELP = (
     ),
     (
         "leak",
-        "the share of the other LoRAs' effect that shows on a concept's own prompts: "
+        "the share of the other LoRAs' effect (all of them applied together) that shows on "
+        "a concept's own prompts: "
         "stacking ≈ 1, averaging n LoRAs ≈ 1/n, 0 = none; below 0 = pushed away from them.",
     ),
     (
