@@ -26,11 +26,13 @@ from loraclr_ext.pipeline.collect import basis_rows
 from loraclr_ext.pipeline.plan import MergePlan
 from loraclr_ext.solver import LayerStats
 
-ACTIVATION_BYTES = {Architecture.SD1: 8_400, Architecture.SDXL: 12_000}
+ACTIVATION_BYTES = {Architecture.SD1: 8_400, Architecture.SDXL: 5_500}
 """Peak UNet activation bytes per latent pixel per byte of the model's dtype, one latent,
-no gradients, PyTorch's own attention (``bench/live_bytes.py`` on the real configs: SD 1.5
-8.3 k at 128 and 256 px). SDXL's is an estimate, not yet measured; unknown
-architectures use it too."""
+no gradients, PyTorch's own attention (``bench/live_bytes.py`` on the real configs with
+random weights: SD 1.5 8.3 k at 128 and 256 px in fp32; SDXL 5.4 k at 64 px and 5.1 k at
+128 px in bf16, one or two latents alike). SDXL needs less per pixel: its full-resolution
+level has no attention. Flat in size, as PyTorch's attention keeps no token×token
+matrix. Other architectures use the largest."""
 MAX_PASSES = 16
 """More passes than this would run the recording 16 times: the budget is refused instead."""
 RESERVE = 0.10
@@ -97,7 +99,7 @@ def layer_bytes(
 
 def latent_bytes(architecture: Architecture, size: int, dtype: torch.dtype) -> int:
     """Estimated peak activation bytes of one latent of ``size`` px through the UNet."""
-    per_pixel = ACTIVATION_BYTES.get(architecture, ACTIVATION_BYTES[Architecture.SDXL])
+    per_pixel = ACTIVATION_BYTES.get(architecture, max(ACTIVATION_BYTES.values()))
     return per_pixel * (size // 8) ** 2 * dtype.itemsize
 
 
