@@ -153,3 +153,42 @@ def test_the_automatic_budget_on_a_cpu_is_the_available_ram(sd1_demo, tmp_path):
     assert len(memory.passes) == 1 and memory.passes[0] == plan.refs
     assert memory.unet_batch is None
     assert memory.summary().startswith("Memory budget ") and "passes" not in memory.summary()
+
+
+def _refusal(plan, shapes, host, budget_gb):
+    from dataclasses import replace
+
+    options = replace(plan.options, memory_budget=budget_gb).resolved(host.device)
+    try:
+        plan_memory(replace(plan, options=options), shapes, host.device, host.dtype)
+    except InvalidInputError as error:
+        return str(error)
+    return None
+
+
+@pytest.mark.parametrize("share", [20, 24, 40])
+def test_the_least_budget_a_refusal_advises_is_enough_and_no_more(sd1_demo, tmp_path, share):
+    """Whole layers go into each pass, so the least budget for 16 passes is above a
+    sixteenth of the statistics (a live run advised 6.64 MB and refused 6.86)."""
+    import re
+
+    from loraclr_ext.pipeline.memory import MAX_PASSES, layer_bytes
+
+    host = sd1_demo["host"]
+    plan = plan_for(sd1_demo, tmp_path, "x.safetensors", quality=False)
+    shapes = _shapes(plan, host)
+    resolved = plan.options.resolved(host.device)
+    total = sum(layer_bytes(plan, shapes, host.dtype.itemsize).values())
+    latent = latent_bytes(host.architecture, resolved.size, host.dtype)
+    message = _refusal(plan, shapes, host, (latent + total / share) / GIB)
+    assert message is not None and "\n" not in message
+    advised = re.search(r"at least ([\d.]+) MB", message)
+    assert advised, message
+    advised_gb = float(advised.group(1)) * 2**20 / GIB
+    assert _refusal(plan, shapes, host, advised_gb) is None, message
+    assert _refusal(plan, shapes, host, advised_gb * 0.99) is not None
+    from dataclasses import replace
+
+    options = replace(resolved, memory_budget=advised_gb)
+    memory = plan_memory(replace(plan, options=options), shapes, host.device, host.dtype)
+    assert 1 < len(memory.passes) <= MAX_PASSES

@@ -73,11 +73,19 @@ class MemoryPlan:
         return text
 
 
-def in_words(size: int) -> str:
-    """Bytes as the user reads them: ``"1.25 GB"``, or ``"340 MB"`` below a gigabyte."""
+def in_words(size: int, up: bool = False) -> str:
+    """Bytes as the user reads them: ``"1.25 GB"``, or ``"340 MB"`` below a gigabyte.
+    ``up``: rounded up, for a least amount (a budget of what it says is then enough)."""
     if size >= GIB:
-        return f"{size / GIB:.2f} GB"
-    return f"{max(size / 2**20, 0.01):.3g} MB"
+        value = size / GIB
+        if up:
+            value = math.ceil(value * 100) / 100
+        return f"{value:.2f} GB"
+    value = max(size / 2**20, 0.01)
+    if up:
+        scale = 10.0 ** (2 - math.floor(math.log10(value)))  # three significant digits
+        value = math.ceil(value * scale) / scale
+    return f"{value:.3g} MB"
 
 
 def layer_bytes(
@@ -158,20 +166,14 @@ def plan_memory(
         return MemoryPlan(budget, source, total, total, [refs], None)
     room = budget - latent
     largest = max(sizes.values(), default=0)
-    if room < largest:
+    passes = _group(refs, sizes, room) if room >= largest else []
+    if not passes or len(passes) > MAX_PASSES:
+        least = _least_room(refs, sizes, max(largest, math.ceil(total / MAX_PASSES)))
         raise InvalidInputError(
-            f"The merge needs at least {in_words(largest + latent)} of memory (the widest "
-            f"layer's statistics and one image), but the budget is {in_words(budget)} "
-            f"({source}). Raise the memory budget or free memory, merge fewer LoRAs, or lower "
-            "the image size."
-        )
-    passes = _group(refs, sizes, room)
-    if len(passes) > MAX_PASSES:
-        need = math.ceil(total / MAX_PASSES) + latent
-        raise InvalidInputError(
-            f"The layers' statistics take {in_words(total)}; a budget of "
-            f"{in_words(budget)} ({source}) would record them in {len(passes)} passes. "
-            f"Give the merge at least {in_words(need)}, or merge fewer LoRAs."
+            f"The merge needs at least {in_words(least + latent, up=True)} of memory (its "
+            f"layers' statistics, {in_words(total)}, in at most {MAX_PASSES} passes, and one "
+            f"image), but the budget is {in_words(budget)} ({source}). Raise the memory "
+            "budget or free memory, merge fewer LoRAs, or lower the image size."
         )
     largest_pass = max(sum(sizes[r] for r in group) for group in passes)
     batch = max(1, (budget - largest_pass) // max(latent, 1))
@@ -191,3 +193,20 @@ def _group(
         groups[-1].append(ref)
         used += sizes[ref]
     return groups
+
+
+def _least_room(refs: Sequence[ModuleRef], sizes: Mapping[ModuleRef, int], low: int) -> int:
+    """The least room (bytes) in which :func:`_group` makes at most ``MAX_PASSES`` passes.
+
+    Whole layers go into each pass, so it can be well above ``total / MAX_PASSES``. The pass
+    count never rises with the room (a pass never ends sooner given more room), so a
+    bisection between ``low`` (too small) and the total finds it exactly.
+    """
+    high = sum(sizes[r] for r in refs)
+    while low < high:
+        mid = (low + high) // 2
+        if len(_group(refs, sizes, mid)) <= MAX_PASSES:
+            high = mid
+        else:
+            low = mid + 1
+    return high
