@@ -113,9 +113,10 @@ class MergeOptions:
     )
     memory_budget: float = _opt(
         0.0,
-        "Device memory (GB) the merge may use beyond the loaded model; 0 = auto (the free "
-        "memory, less a tenth of the card). When the layers' statistics do not fit, they are "
-        "recorded in several passes (slower) instead of running out of memory",
+        "Device memory (GB) the merge may use beyond the loaded model; 0 = auto (on a GPU "
+        "its free memory less a tenth of the card, on a CPU the available RAM less a tenth). "
+        "When the layers' statistics do not fit, they are recorded in several passes "
+        "(slower) instead of running out of memory",
         minimum=0.0,
         maximum=1024.0,
         zero="auto",

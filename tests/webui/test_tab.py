@@ -315,3 +315,21 @@ def test_list_after_a_merge_counts_the_new_file(webui):
     # the ticked LoRAs are sent back by name with the new choices (gradio 4.40 otherwise
     # kept the ticks by position: "fresh" sorts first, and two other LoRAs showed ticked)
     assert update["value"] == ["sks_dog", "zwx_cat"]
+
+
+def _component(blocks, elem_id):
+    return next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == elem_id)
+
+
+def test_float_fields_keep_fractions_and_int_fields_whole_numbers(webui):
+    """A live run found the memory budget field rounding 0.05 GB to 0 (auto) and the
+    browser marking 0.05 invalid: every zero-means-auto field had ``precision=0, step=1``."""
+    blocks, _ = tab(webui["ctx"])
+    budget = _component(blocks, "loraclr_opt_memory_budget")
+    assert budget.preprocess(0.05) == pytest.approx(0.05)
+    assert props(blocks, "loraclr_opt_memory_budget")["step"] <= 0.01
+    margin = _component(blocks, "loraclr_opt_margin")
+    assert margin.preprocess(0.25) == pytest.approx(0.25)
+    for name in ("rank", "steps", "size", "iterations"):
+        assert _component(blocks, f"loraclr_opt_{name}").preprocess(7.6) == 8
+        assert props(blocks, f"loraclr_opt_{name}")["step"] == 1
