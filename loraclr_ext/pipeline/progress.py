@@ -42,6 +42,11 @@ def check_interrupt(progress: Progress) -> None:
         raise MergeInterruptedError("Merge interrupted; nothing was written.")
 
 
+PASSES_STAGE = "Recording concept features and solving layers"
+"""Start of the one stage text of a merge recorded in passes (its recording and solving
+interleave, so a progress display gives it the slices of both)."""
+
+
 class InPasses:
     """Progress of a merge recorded in passes (a memory budget split its layers): the
     first stage opens one "Recording" stage of ``total`` steps (every pass's recording and
@@ -57,7 +62,7 @@ class InPasses:
         if not self.started:
             self.started = True
             self.inner.stage(
-                f"Recording concept features and solving layers in {self.passes} passes",
+                f"{PASSES_STAGE} in {self.passes} passes",
                 self.total,
             )
 

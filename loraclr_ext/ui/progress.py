@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraclr_ext.pipeline.progress import PASSES_STAGE
+
 RESOLUTION = 1000
 """``sampling_steps`` of the one job: progress is shown in thousandths."""
 
@@ -158,6 +160,9 @@ class StateProgress:
     # -- inside
 
     def _span_for(self, text: str) -> Span:
+        if text.startswith(PASSES_STAGE):  # recording and solving, interleaved by pass
+            slices = {s.key: s for s in self.spans}
+            return Span("collect", slices["collect"].start, slices["solve"].end)
         prefixes = {key: prefix for key, prefix, _ in STAGES if prefix}
         for span in self.spans:
             if prefixes.get(span.key) and text.startswith(prefixes[span.key]):
@@ -172,8 +177,7 @@ class StateProgress:
         return next(s for s in self.spans if s.key == "write")
 
     def _next_is_write(self) -> bool:
-        index = next((i for i, s in enumerate(self.spans) if s is self.span), None)
-        return index is not None and self.spans[index + 1 :][:1] == [self._write_span()]
+        return self.span.key != "write" and self.span.end == self._write_span().start
 
     def preview_start(self) -> float:
         """Where the preview's slice of the bar begins (1.0 without one)."""

@@ -133,3 +133,29 @@ def test_tab_merge_reports_monotone_progress_and_status(webui, monkeypatch):
     status = ctx.status()
     assert status["running"] is False and status["progress"] == 1.0
     assert status["outcome"] == "wrote prog.safetensors" and status["source"] == "tab"
+
+
+@pytest.mark.parametrize("quality", [True, False])
+def test_a_merge_in_passes_fills_the_solving_slice_too(webui, quality):
+    """A live merge in 2 passes stopped at 0.70 before the file was written: its one stage
+    (recording and solving, interleaved) took only the recording's slice of the bar."""
+    from loraclr_ext.pipeline.progress import InPasses
+
+    clock = Clock()
+    state = begun_state(clock)
+    inner = StateProgress(state, quality=quality)
+    progress = InPasses(inner, total=30, passes=2)
+    slices = {s.key: s for s in spans(quality)}
+    values = []
+    for text, steps in (("Recording concept features", 10), ("Solving layers", 5)) * 2:
+        progress.stage(text, steps)
+        for _ in range(steps):
+            progress.advance()
+            values.append(inner.fraction)
+    assert values == sorted(values)
+    assert values[-1] == pytest.approx(slices["solve"].end, abs=1 / RESOLUTION)
+    if quality:
+        inner.stage("Measuring quality", 2)
+        inner.advance(2)
+        assert inner.fraction == pytest.approx(slices["report"].end, abs=1 / RESOLUTION)
+    assert state.textinfo == "LoRACLR: writing the file"
