@@ -4,10 +4,11 @@ fidelity, leak and bleed columns.
 A method's change from the base model at some place (conditioning rows, a UNet output,
 cross-attention keys and values) is written as ``a · own + b · others + rest``, where ``own``
 is what the concept's own LoRA alone changes there and ``others`` what the other concepts'
-LoRAs change there (applied together, or one partner). ``a`` is the concept's share (1 = all of its effect is kept),
-``b`` the others' share (0 = nothing bleeds in). Stacking gives about (1, 1), averaging n
-LoRAs about (1/n, 1/n), an ideal merge (1, 0). A negative ``b`` means the method pushes
-*away* from the other concepts there, which the contrastive term aims for.
+LoRAs change there (applied together, or one partner). ``a`` is the concept's share (1 = all
+of its effect is kept), ``b`` the others' share (0 = nothing bleeds in). Stacking gives
+about (1, 1), averaging n LoRAs about (1/n, 1/n), an ideal merge (1, 0). A negative ``b``
+means the method pushes *away* from the other concepts there, which the contrastive term
+aims for.
 
 The sums are accumulated (:class:`Gram`), so a measure spread over many layers never holds
 more than one layer's outputs.

@@ -110,6 +110,10 @@ def test_two_merges_under_one_name_with_overwrite(webui: WebUI, concepts: list[d
     second = webui.merge(weaker, "live_same", overwrite=True)
     assert second.status == 200, second.body
     image_second = webui.generate(tag)
+    for image in (image_first, image_second):
+        # Forge once drew both all black (NaN in its decode, a random checkpoint at this
+        # LoRA weight): equal blank images would say nothing about which file was used
+        assert len(set(decode(image)[2])) > 1, "a one-colour image: nothing to compare"
     assert decode(image_second) != decode(image_first)
     refused = webui.merge(concepts, "live_same", overwrite=False)
     assert refused.status == 409 and "exists" in str(refused.body)
