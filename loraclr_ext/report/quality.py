@@ -67,7 +67,7 @@ def report_work(plan: MergePlan, methods: int = 4) -> int:
     n = len(plan.concepts)
     neutral = len(prompts) - neutral_start
     singles = n * (HELD_OUT_PER_CONCEPT + neutral)
-    others = n * HELD_OUT_PER_CONCEPT if n > 1 else 0
+    others = n * HELD_OUT_PER_CONCEPT
     return (1 + methods) * len(prompts) + singles + others
 
 
@@ -197,7 +197,7 @@ def stacked(
             continue
         up = torch.cat([p.up.float() for p in parts], dim=1)
         down = torch.cat([p.down.float() for p in parts])
-        out[ref] = ModuleDelta(up, down * scale if scale != 1.0 else down, parts[0].kernel)
+        out[ref] = ModuleDelta(up, down * scale, parts[0].kernel)
     return out
 
 
@@ -278,7 +278,7 @@ def evaluate(
     gen = torch.Generator().manual_seed(plan.options.seed + 1)
     latents = torch.randn(len(prompts), 4, size // 8, size // 8, generator=gen)
     latents = latents.to(host.device, host.dtype)
-    progress.stage("Measuring quality", 1 + n + (n if n > 1 else 0) + len(methods) + 1)
+    progress.stage("Measuring quality", 1 + 2 * n + len(methods) + 1)
 
     def run(deltas: Deltas, rows: list[int]) -> _Outputs:
         check_interrupt(progress)
@@ -295,8 +295,6 @@ def evaluate(
     refs = list(plan.refs)
     others = [
         run(stacked([c.deltas for j, c in enumerate(concepts) if j != i], refs), held[i])
-        if n > 1
-        else None
         for i in range(n)
     ]
     outputs = {name: run(deltas, everywhere) for name, deltas in methods.items()}
@@ -305,10 +303,9 @@ def evaluate(
     for i, concept in enumerate(concepts):
         rows = slice(i * per, (i + 1) * per)
         trig = token_roles(host, prompts[rows], triggers[i]).trigger
-        own = _head(owns[i], per)  # its held-out rows
+        own = _rows(owns[i], slice(None, per))  # its held-out rows
         b_eps = base.eps[rows]
-        other = others[i]
-        bleed = torch.zeros_like(b_eps) if other is None else other.eps - b_eps
+        bleed = others[i].eps - b_eps
         for name, out in outputs.items():
             t_m, t_b = (x.cond.context[rows][trig] for x in (out, base))
             t_o = own.cond.context[trig]
@@ -337,10 +334,11 @@ def evaluate(
     for name, per_concept in joint.items():
         for score, composed in zip(scores[name], per_concept, strict=True):
             _set_joint(score, composed)
+    after = slice(neutral_start, None)
     preservation = _preservation(
-        _neutral(base, neutral_start),
-        [_neutral(o, per) for o in owns],
-        {name: _neutral(out, neutral_start) for name, out in outputs.items()},
+        _rows(base, after),
+        [_rows(o, slice(per, None)) for o in owns],
+        {name: _rows(out, after) for name, out in outputs.items()},
     )
     return QualityReport(
         [MethodScores(m, scores[m], *preservation[m]) for m in methods],
@@ -356,14 +354,9 @@ def _set_joint(score: ConceptScore, joint: JointScore) -> None:
     score.joint_bleed = joint.bleed
 
 
-def _neutral(out: _Outputs, start: int) -> _Outputs:
-    """The rows of ``out`` from ``start`` on: its neutral prompts."""
-    return _Outputs(Conditioning(out.cond.context[start:], None), out.eps[start:])
-
-
-def _head(out: _Outputs, count: int) -> _Outputs:
-    """The first ``count`` rows of ``out``."""
-    return _Outputs(Conditioning(out.cond.context[:count], None), out.eps[:count])
+def _rows(out: _Outputs, rows: slice) -> _Outputs:
+    """The prompts ``rows`` of ``out``."""
+    return _Outputs(Conditioning(out.cond.context[rows], None), out.eps[rows])
 
 
 def _preservation(
