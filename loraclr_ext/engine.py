@@ -29,7 +29,7 @@ from loraclr_ext.hosts.base import Host
 from loraclr_ext.model.deltas import ModuleDelta
 from loraclr_ext.model.lowrank import pad_rank
 from loraclr_ext.model.targets import ModuleRef
-from loraclr_ext.pipeline.collect import SPATIAL_PROMPTS, collect, new_stats, recording_steps
+from loraclr_ext.pipeline.collect import collect, new_stats, recording_steps
 from loraclr_ext.pipeline.memory import plan_memory
 from loraclr_ext.pipeline.options import ConceptSpec, MergeOptions
 from loraclr_ext.pipeline.plan import MergePlan, plan_merge, precheck
@@ -41,8 +41,9 @@ from loraclr_ext.solver import LayerStats, SolverSettings, solve_layer
 
 log = logging.getLogger("loraclr")
 T = TypeVar("T")
-MAX_UNET_BATCH = max(SPATIAL_PROMPTS, REPORT_BATCH)
-"""The most latents any stage sends through the UNet at once (the first retry halves it)."""
+MAX_UNET_BATCH = REPORT_BATCH
+"""The most latents any stage sends through the UNet at once when the host sets no limit
+(the report's batch, and the recording's at 256 px); the first retry halves it."""
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 

@@ -37,6 +37,15 @@ class Conditioning:
         pooled = None if self.pooled is None else self.pooled[start:stop]
         return Conditioning(self.context[start:stop], pooled)
 
+    @staticmethod
+    def concat(parts: list[Conditioning]) -> Conditioning:
+        """The conditionings of ``parts`` in one batch, in order (all SDXL or none)."""
+        pooled = [p.pooled for p in parts if p.pooled is not None]
+        return Conditioning(
+            torch.cat([p.context for p in parts]),
+            torch.cat(pooled) if len(pooled) == len(parts) else None,
+        )
+
 
 @dataclass
 class Tokens:
@@ -90,9 +99,11 @@ class Host(Protocol):
         size: int,
         seed: int,
         callback: StepCallback | None = None,
+        noise_period: int | None = None,
     ) -> torch.Tensor:
         """A short seeded denoising run without CFG; returns the final latents
-        ``[B, 4, size/8, size/8]``. UNet forward hooks fire at every step."""
+        ``[B, 4, size/8, size/8]``. UNet forward hooks fire at every step. The starting
+        noise is :func:`seeded_noise` (``noise_period``: see there)."""
         ...
 
     def predict_noise(
@@ -125,6 +136,27 @@ def in_batches(
         for start in range(0, batch, max_batch)
     ]
     return torch.cat(outs)
+
+
+def seeded_noise(
+    batch: int, channels: int, side: int, seed: int, period: int | None = None
+) -> torch.Tensor:
+    """Starting noise ``[batch, channels, side, side]`` (fp32, CPU) from a CPU generator
+    seeded with ``seed``, so every device starts alike.
+
+    ``period``: latent ``b`` gets the noise of latent ``b mod period``, so blocks of
+    ``period`` latents run side by side in one batch start exactly as each would alone
+    (``None``: every latent its own noise).
+
+    Raises:
+        ValueError: ``batch`` is not a multiple of ``period``.
+    """
+    period = period or batch
+    if batch % period:
+        raise ValueError(f"a batch of {batch} latents is not made of blocks of {period}")
+    gen = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn((period, channels, side, side), generator=gen)
+    return noise.repeat(batch // period, 1, 1, 1)
 
 
 def iter_chunks(items: list[str], size: int) -> Iterator[list[str]]:

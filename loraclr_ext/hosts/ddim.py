@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from loraclr_ext.errors import InvalidInputError
-from loraclr_ext.hosts.base import StepCallback
+from loraclr_ext.hosts.base import StepCallback, seeded_noise
 
 ModelOutput = Callable[[torch.Tensor, int], torch.Tensor]
 """``predict(x [B, 4, h, w] fp32, t)`` -> the model's ε or v for DDPM timestep ``t``."""
@@ -27,6 +27,7 @@ def ddim_sample(
     seed: int,
     v_prediction: bool,
     callback: StepCallback | None = None,
+    noise_period: int | None = None,
 ) -> torch.Tensor:
     """DDIM (η = 0) over ``steps`` evenly spaced timesteps from the last to 0.
 
@@ -36,6 +37,7 @@ def ddim_sample(
         batch: number of latents (one per conditioning row).
         size: image side in pixels (latents are ``size / 8``).
         seed: CPU generator seed, so every device starts from the same noise.
+        noise_period: latents repeat their noise every this many (:func:`seeded_noise`).
         v_prediction: the model predicts v rather than ε.
 
     Returns:
@@ -45,8 +47,7 @@ def ddim_sample(
         raise InvalidInputError(f"Bad sampling settings: steps={steps}, size={size}.")
     alphas = alphas_cumprod.detach().to("cpu", torch.float64)
     timesteps = torch.linspace(alphas.shape[0] - 1, 0, steps).round().long().tolist()
-    gen = torch.Generator("cpu").manual_seed(seed)
-    x = torch.randn((batch, 4, size // 8, size // 8), generator=gen).double()
+    x = seeded_noise(batch, 4, size // 8, seed, noise_period).double()
     for i, t in enumerate(timesteps):
         a = float(alphas[t])
         a_prev = float(alphas[timesteps[i + 1]]) if i + 1 < steps else 1.0

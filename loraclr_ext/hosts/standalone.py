@@ -15,7 +15,14 @@ import torch
 
 from loraclr_ext.errors import InvalidInputError, LoraClrError, ModelNotFoundError
 from loraclr_ext.hosts import model_files
-from loraclr_ext.hosts.base import Conditioning, StepCallback, Tokens, in_batches, iter_chunks
+from loraclr_ext.hosts.base import (
+    Conditioning,
+    StepCallback,
+    Tokens,
+    in_batches,
+    iter_chunks,
+    seeded_noise,
+)
 from loraclr_ext.hosts.devices import resolve_device, resolve_dtype
 from loraclr_ext.hosts.text_paths import canonical_text_path, has_text_model_level, live_text_path
 from loraclr_ext.hosts.weights import changed_weights, weight_of, weights_fingerprint
@@ -253,18 +260,19 @@ class StandaloneHost:
         size: int,
         seed: int,
         callback: StepCallback | None = None,
+        noise_period: int | None = None,
     ) -> torch.Tensor:
         """Seeded denoising without CFG: ``steps`` UNet calls, ``callback(i, steps)`` after
-        step ``i`` (0-based). Noise comes from a CPU generator, so it is identical on every
-        device. Returns latents ``[B, 4, size/8, size/8]`` in the host dtype."""
+        step ``i`` (0-based). Noise is :func:`seeded_noise` (from a CPU generator, so
+        identical on every device; ``noise_period``: see there). Returns latents
+        ``[B, 4, size/8, size/8]`` in the host dtype."""
         if steps < 1:
             raise InvalidInputError(f"steps must be at least 1, got {steps}.")
         if size < 8 or size % 8:
             raise InvalidInputError(f"size must be a positive multiple of 8, got {size}.")
         batch = cond.context.shape[0]
         channels = int(self.pipe.unet.config.in_channels)
-        gen = torch.Generator("cpu").manual_seed(seed)
-        noise = torch.randn((batch, channels, size // 8, size // 8), generator=gen)
+        noise = seeded_noise(batch, channels, size // 8, seed, noise_period)
         sched = self._fresh_scheduler()
         sched.set_timesteps(steps, device=self.device)
         latents = (noise * sched.init_noise_sigma).to(self.device, self.dtype)

@@ -12,12 +12,14 @@ inference tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from loraclr_ext.errors import LoraClrError
 from loraclr_ext.model.deltas import ModuleDelta
 from loraclr_ext.model.targets import ModuleRef
 from loraclr_ext.solver.features import ConvGeometry, input_rows
@@ -122,6 +124,95 @@ def recording(
             def hook(mod, args, output, ref=ref, geometry=geometry):
                 with outside_inference():
                     _record(ref, args[0], geometry, sink, token_weights)
+
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A UNet batch made of consecutive blocks of ``size`` latents, block ``k`` run as
+    concept ``owners[k]`` with that concept's LoRA ``deltas[k]`` (design §2.2: several
+    concepts share one denoising run, each on its own rows).
+
+    The host may split a batch into UNet calls (:func:`~loraclr_ext.hosts.base.in_batches`);
+    a call is then either the whole batch or, when every block has one owner, any part of
+    it. The recording run groups concepts so that this holds.
+    """
+
+    owners: Sequence[int]
+    deltas: Sequence[Mapping[ModuleRef, ModuleDelta]]
+    size: int
+
+    def split(self, batch: int) -> list[tuple[int, slice]]:
+        """``(block, rows)`` of a module call on ``batch`` latents.
+
+        Raises:
+            LoraClrError: the call holds part of a batch of several owners.
+        """
+        if len(self.owners) == 1:
+            return [(0, slice(0, batch))]
+        if batch != len(self.owners) * self.size:
+            raise LoraClrError(
+                f"A UNet call on {batch} latents of a batch of {len(self.owners)} blocks of "
+                f"{self.size}: the host split the recording batch."
+            )
+        return [(k, slice(k * self.size, (k + 1) * self.size)) for k in range(len(self.owners))]
+
+
+@contextmanager
+def applied_in_blocks(
+    modules: Mapping[ModuleRef, torch.nn.Module], blocks: Blocks
+) -> Iterator[None]:
+    """Run the model as if each block's deltas were added to the weights of ``modules``, for
+    that block's rows only (:func:`applied`, one LoRA per block)."""
+    refs = {ref for deltas in blocks.deltas for ref, d in deltas.items() if d.rank}
+    handles = []
+    try:
+        for ref in refs:
+            module = modules.get(ref)
+            if module is None:
+                continue
+
+            def hook(mod, args, output, ref=ref):
+                with outside_inference():
+                    pieces = []
+                    for k, rows in blocks.split(output.shape[0]):
+                        delta = blocks.deltas[k].get(ref)
+                        piece = output[rows]
+                        if delta is not None and delta.rank:
+                            piece = piece + delta_output(mod, delta, args[0][rows])
+                        pieces.append(piece)
+                    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def recording_in_blocks(
+    modules: Mapping[ModuleRef, torch.nn.Module],
+    blocks: Blocks,
+    sink: Callable[[int], RowSink],
+) -> Iterator[None]:
+    """Stream every input of ``modules`` as solver rows, each block's rows to
+    ``sink(owner)`` (:func:`recording` with one sink per block; weighted 1)."""
+    sinks = [sink(owner) for owner in blocks.owners]
+    handles = []
+    try:
+        for ref, module in modules.items():
+            geometry = ConvGeometry.of(module) if is_conv(module) else None
+
+            def hook(mod, args, output, ref=ref, geometry=geometry):
+                with outside_inference():
+                    for k, rows in blocks.split(args[0].shape[0]):
+                        _record(ref, args[0][rows], geometry, sinks[k], lambda: None)
 
             handles.append(module.register_forward_hook(hook))
         yield

@@ -22,7 +22,7 @@ import torch
 from loraclr_ext.errors import InvalidInputError
 from loraclr_ext.model.architecture import Architecture
 from loraclr_ext.model.targets import ModuleRef
-from loraclr_ext.pipeline.collect import basis_rows
+from loraclr_ext.pipeline.collect import basis_rows, recording_latents
 from loraclr_ext.pipeline.plan import MergePlan
 from loraclr_ext.solver import LayerStats
 
@@ -162,7 +162,7 @@ def plan_memory(
     size = plan.options.size or 512
     latent = latent_bytes(plan.architecture, size, dtype)
     refs = list(sizes)
-    if budget is None or total + 2 * latent <= budget:
+    if budget is None or total + recording_latents(size) * latent <= budget:
         return MemoryPlan(budget, source, total, total, [refs], None)
     room = budget - latent
     largest = max(sizes.values(), default=0)

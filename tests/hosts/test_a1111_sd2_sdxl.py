@@ -41,8 +41,9 @@ LEAVES = (
     *("to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "proj_in"),
 )
 FAMILIES = [Architecture.SD2, Architecture.SDXL]
-UNET_CALLS = len(CONCEPTS) + 1
-"""``apply_model`` calls of a one-step merge: one per concept, one for the neutral prompts."""
+UNET_CALLS = 1
+"""``apply_model`` calls of a one-step merge: both concepts and the neutral prompts side by
+side in one batch (``recording_groups``)."""
 
 
 # ------------------------------------------------------------------------------- helpers

@@ -379,6 +379,7 @@ class A1111Host:
         size: int,
         seed: int,
         callback: StepCallback | None = None,
+        noise_period: int | None = None,
     ) -> torch.Tensor:
         """The shared recording run (:func:`ddim_sample`) through ``apply_model``; returns
         ``[B, 4, size/8, size/8]``."""
@@ -391,6 +392,7 @@ class A1111Host:
             seed=seed,
             v_prediction=getattr(self.sd_model, "parameterization", "eps") == "v",
             callback=callback,
+            noise_period=noise_period,
         )
 
     # -- weight guard

@@ -297,6 +297,7 @@ class PatcherHost:
         size: int,
         seed: int,
         callback: StepCallback | None = None,
+        noise_period: int | None = None,
     ) -> torch.Tensor:
         """The shared recording run (:func:`ddim_sample`), the same as the A1111 host's."""
         return ddim_sample(
@@ -310,6 +311,7 @@ class PatcherHost:
             seed=seed,
             v_prediction=self._v_prediction(),
             callback=callback,
+            noise_period=noise_period,
         )
 
     # -- weight guard
