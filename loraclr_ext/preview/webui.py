@@ -32,12 +32,19 @@ class WebuiRenderer:
     Args:
         processing: the WebUI's ``modules.processing``.
         sd_model: the loaded model (``shared.sd_model``).
+        scripts: the WebUI's ``modules.scripts``: each image gets an empty
+            ``ScriptRunner``, so no always-on script (ControlNet, ADetailer) runs on a
+            preview, and reForge, which reads ``p.scripts.alwayson_scripts`` without
+            checking for ``None`` (``modules/processing.py``), draws it.
         sampler: the sampler's name in the WebUI.
     """
 
-    def __init__(self, processing: Any, sd_model: Any, sampler: str = SAMPLER) -> None:
+    def __init__(
+        self, processing: Any, sd_model: Any, scripts: Any, sampler: str = SAMPLER
+    ) -> None:
         self.processing = processing
         self.sd_model = sd_model
+        self.scripts = scripts
         self.sampler = sampler
 
     def render(self, cell: PreviewCell, *, seed: int, steps: int, size: int, cfg: float) -> Any:
@@ -61,6 +68,8 @@ class WebuiRenderer:
             do_not_save_samples=True,
             do_not_save_grid=True,
         )
+        p.scripts = self.scripts.ScriptRunner()
+        p.script_args = []
         try:
             processed = self.processing.process_images(p)
         finally:

@@ -91,6 +91,8 @@ class WebuiContext:
         call_queue: ``modules.call_queue`` (``queue_lock``, ``wrap_gradio_gpu_call``).
         networks: the built-in Lora extension's ``networks`` module, or ``None``.
         processing: ``modules.processing`` (txt2img for the preview grid), or ``None``.
+        scripts: ``modules.scripts`` (an empty script runner for each preview image), or
+            ``None``.
         paths: ``modules.paths`` (``data_path``), or ``None``.
         check_shapes: check LoRA shapes against the real model sizes (off for tiny models).
     """
@@ -103,6 +105,7 @@ class WebuiContext:
     check_shapes: bool = True
     processing: Any = None
     paths: Any = None
+    scripts: Any = None
     _cache: dict[tuple, LoraEntry] = field(default_factory=dict, repr=False)
     _last: Snapshot | None = field(default=None, repr=False)
     _status_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -110,14 +113,21 @@ class WebuiContext:
     @classmethod
     def from_webui(cls) -> WebuiContext:
         """Gather the running WebUI's modules (call from ``scripts/`` only)."""
-        from modules import call_queue, devices, paths, processing, sd_models, shared
+        from modules import call_queue, devices, paths, processing, scripts, sd_models, shared
 
         try:
             import networks  # the built-in Lora extension's module (dossier §4.8)
         except ImportError:
             networks = None
         return cls(
-            shared, sd_models, devices, call_queue, networks, processing=processing, paths=paths
+            shared,
+            sd_models,
+            devices,
+            call_queue,
+            networks,
+            processing=processing,
+            paths=paths,
+            scripts=scripts,
         )
 
     # -- settings and folders
@@ -326,7 +336,7 @@ class WebuiContext:
         from loraclr_ext.engine import add_preview
         from loraclr_ext.preview.webui import WebuiRenderer, kept
 
-        renderer = WebuiRenderer(self.processing, self.model())
+        renderer = WebuiRenderer(self.processing, self.model(), self.scripts)
         with kept(self.generation_files()):
             add_preview(result, renderer, PreviewProgress(self.shared.state, snapshot, start))
 

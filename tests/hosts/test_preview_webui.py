@@ -68,6 +68,7 @@ def test_preview_is_the_webuis_own_txt2img_of_the_new_file(webui, txt2img, monke
         assert call["seed"] == options.seed and call["size"] == (64, 64)
         assert call["steps"] == 10 and call["sampler_name"] == "DPM++ 2M"  # CPU default
         assert call["cfg_scale"] == 7.0 and not call["saves"]
+        assert call["always_on"] == 0  # an empty script runner: no ControlNet on a preview
 
     grid = result.preview
     assert grid is not None, result.preview_note

@@ -7,7 +7,9 @@ when ``state.interrupted``, drives ``sampling_step``/``sampling_steps`` and call
 ``available_networks`` (an unknown name is only logged, as A1111 does) and returns a
 ``Processed`` with PIL images. The image comes from the fake model's own ``generate`` of
 the prompt without tags, tinted by the bytes of each LoRA file found, so different LoRA
-sets give different images and the same call gives the same bytes.
+sets give different images and the same call gives the same bytes. Like reForge's (main,
+``modules/processing.py``: ``p.scripts.alwayson_scripts`` read unchecked), it fails on a
+``p.scripts`` of ``None``, which A1111 and Forge would accept.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class StableDiffusionProcessingTxt2Img:
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
     override_settings: dict = field(default_factory=dict)
+    scripts: Any = None
+    script_args: list = field(default_factory=list)
     closed: bool = False
 
     def close(self) -> None:
@@ -75,6 +79,7 @@ def process_images(p: StableDiffusionProcessingTxt2Img) -> Processed:
             "size": (p.width, p.height),
             "saves": not (p.do_not_save_samples and p.do_not_save_grid),
             "loras": [(n, w) for n, w, _ in found],
+            "always_on": len(p.scripts.alwayson_scripts),  # reForge: AttributeError on None
         }
     )
     if state.interrupted:

@@ -5,3 +5,12 @@ current_basedir = ""
 
 def basedir() -> str:
     return current_basedir
+
+
+class ScriptRunner:
+    """An empty runner, as ``ScriptRunner()`` is before ``initialize_scripts``."""
+
+    def __init__(self) -> None:
+        self.scripts: list = []
+        self.alwayson_scripts: list = []
+        self.selectable_scripts: list = []
