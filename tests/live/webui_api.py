@@ -14,7 +14,19 @@ from typing import Any
 
 FAST_MERGE = {"steps": 1, "size": 64, "iterations": 0, "quality": False}
 """Merge options that keep a real SD 1.5 merge to a minute or two on a CPU."""
-IMAGE = {"width": 64, "height": 64, "steps": 2, "seed": 1234, "sampler_name": "Euler"}
+IMAGE = {
+    "width": 64,
+    "height": 64,
+    "steps": 2,
+    "seed": 1234,
+    "sampler_name": "Euler",
+    "override_settings": {"emphasis": "No norm"},
+}
+"""A seeded small txt2img. "Original" emphasis rescales the conditioning by the ratio of its
+means before and after weighting, 0/0 = NaN (a black image) when the text encoder's last
+layer norm is the identity, as in a random-weight checkpoint: its output has mean zero by
+construction, and Forge and reForge hit an exact 0.0 for some prompts (trained weights do
+not)."""
 
 
 @dataclass
