@@ -4,7 +4,9 @@ Design §2.2: concept i's inputs are recorded while the base model with concept 
 LoRA applied (by hooks) processes concept i's prompts — the text encoders on the fit
 templates, the cross-attention K/V layers on the resulting conditioning, every other
 UNet layer during a short seeded denoising run. All concepts use the same templates,
-seed and timesteps, so their features align position by position.
+seed and timesteps, so their features align position by position. Several concepts share
+one denoising batch, each on its own latents with only its own LoRA (a concept's result
+is the same as alone, up to the float order of a larger batch).
 """
 
 from __future__ import annotations
