@@ -54,23 +54,10 @@ def delta_output(module: torch.nn.Module, delta: ModuleDelta, x: torch.Tensor) -
 def applied(
     modules: Mapping[ModuleRef, torch.nn.Module], deltas: Mapping[ModuleRef, ModuleDelta]
 ) -> Iterator[None]:
-    """Run the model as if ``deltas`` were added to the weights of ``modules``."""
-    handles = []
-    try:
-        for ref, delta in deltas.items():
-            module = modules.get(ref)
-            if module is None or delta.rank == 0:
-                continue
-
-            def hook(mod, args, output, delta=delta):
-                with outside_inference():
-                    return output + delta_output(mod, delta, args[0])
-
-            handles.append(module.register_forward_hook(hook))
+    """Run the model as if ``deltas`` were added to the weights of ``modules`` (one block
+    of any size: :func:`applied_in_blocks`)."""
+    with applied_in_blocks(modules, Blocks([0], [deltas], 1)):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
