@@ -102,21 +102,10 @@ def recording(
 
     ``token_weights()`` returns the current batch's per-token weights ``[B, T]`` for
     Linear inputs ``[B, T, in]`` (text stages); conv and spatial inputs are weighted 1.
+    (One block of any size: :func:`recording_in_blocks`.)
     """
-    handles = []
-    try:
-        for ref, module in modules.items():
-            geometry = ConvGeometry.of(module) if is_conv(module) else None
-
-            def hook(mod, args, output, ref=ref, geometry=geometry):
-                with outside_inference():
-                    _record(ref, args[0], geometry, sink, token_weights)
-
-            handles.append(module.register_forward_hook(hook))
+    with recording_in_blocks(modules, Blocks([0], [{}], 1), lambda owner: sink, token_weights):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @dataclass(frozen=True)
@@ -187,9 +176,11 @@ def recording_in_blocks(
     modules: Mapping[ModuleRef, torch.nn.Module],
     blocks: Blocks,
     sink: Callable[[int], RowSink],
+    token_weights: Callable[[], torch.Tensor | None] = lambda: None,
 ) -> Iterator[None]:
     """Stream every input of ``modules`` as solver rows, each block's rows to
-    ``sink(owner)`` (:func:`recording` with one sink per block; weighted 1)."""
+    ``sink(owner)`` (``token_weights``: see :func:`recording`; they apply where their
+    ``[B, T]`` matches a call's rows, so only to a batch of one block)."""
     sinks = [sink(owner) for owner in blocks.owners]
     handles = []
     try:
@@ -199,7 +190,7 @@ def recording_in_blocks(
             def hook(mod, args, output, ref=ref, geometry=geometry):
                 with outside_inference():
                     for k, rows in blocks.split(args[0].shape[0]):
-                        _record(ref, args[0][rows], geometry, sinks[k], lambda: None)
+                        _record(ref, args[0][rows], geometry, sinks[k], token_weights)
 
             handles.append(module.register_forward_hook(hook))
         yield
